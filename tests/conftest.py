@@ -1,0 +1,43 @@
+"""Shared test set-up: offline hub, small thread counts, the optional real-data folder."""
+import os
+from pathlib import Path
+
+import pytest
+
+# Hub look-ups otherwise retry for a minute before failing (DEVELOPERS.md).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _need(sub: str) -> Path:
+    p = SHARED / sub
+    if not p.exists():
+        pytest.skip(f"real-data folder {p} is absent: these tests read ../shared/{sub} beside the "
+                    f"checkout (not part of the repository)")
+    return p
+
+
+@pytest.fixture
+def cub_dir() -> Path:
+    """../shared/data/cub-birds: 832 real bird photographs, generic CSV metadata."""
+    return _need("data/cub-birds")
+
+
+@pytest.fixture
+def formats_dir() -> Path:
+    """../shared/formats: real excerpts of iNat 2021, FishNet and BIOSCAN metadata."""
+    return _need("formats")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    try:
+        import torch
+    except ImportError:
+        return
+    # pytest -n 2 on a 2-core machine: one thread per worker avoids oversubscription
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
