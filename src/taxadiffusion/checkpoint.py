@@ -1,0 +1,207 @@
+"""Run checkpoints: safetensors plus JSON, written atomically, loadable without running any code.
+
+A checkpoint folder (runs/<name>/checkpoints/<stage-k-rank>/step-<n> or .../final) holds
+- what the pipeline needs: conditioner/ (diffusers ModelMixin folder), pytorch_lora_weights.safetensors
+  (diffusers LoRA format), unet/ when UNet weights were trained or the backbone is built in code
+  (tiny), text_encoder/ + tokenizer/ (+ vae/) for a tiny backbone, scheduler/ (the one noise
+  schedule), taxonomy.json and config.json (the resolved run config);
+- what resuming needs: state.json (stage, step, data position), optimizer.safetensors + .json,
+  ema.safetensors, rng.safetensors (torch RNG and the step generator), lr_scheduler in state.json.
+SD v1.5 base weights are not copied: config.json names where they come from.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, from_dict
+from .taxonomy import Taxonomy
+
+STATE_FILE = "state.json"
+
+
+def save_unet_base(unet, d: Path) -> None:
+    """The UNet's own weights without adapter layers (peft wraps targets in `.base_layer`)."""
+    d.mkdir(parents=True, exist_ok=True)
+    unet.save_config(d)
+    base = {k.replace(".base_layer", ""): v.detach().contiguous()
+            for k, v in unet.state_dict().items() if "lora_" not in k}
+    save_file(base, d / "diffusion_pytorch_model.safetensors")
+
+
+def save_lora(unet, d: Path) -> None:
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionLoraLoaderMixin.save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous()
+                meta["state"][str(pid)][k] = "tensor"
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, conditioner, backbone,
+                    save_unet: bool, state: dict, optimizer=None, ema=None, lr_scheduler=None,
+                    generator: torch.Generator | None = None) -> Path:
+    """Write everything to `d` through a temporary folder renamed at the end (atomic)."""
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if conditioner is not None:
+        conditioner.save_pretrained(tmp / "conditioner", safe_serialization=True)
+    if getattr(unet, "peft_config", None):
+        save_lora(unet, tmp)
+    if save_unet or backbone.source == "tiny":
+        save_unet_base(unet, tmp / "unet")
+    if backbone.source == "tiny":  # random-init parts exist nowhere else
+        backbone.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+        if backbone.vae is not None:
+            backbone.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    backbone.noise_scheduler.save_pretrained(tmp / "scheduler")
+    taxonomy.save(tmp / "taxonomy.json")
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    state = dict(state)
+    if optimizer is not None:
+        tensors, meta = _flatten_optimizer(optimizer)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+    if ema is not None:
+        save_file({str(i): p.detach().contiguous() for i, p in enumerate(ema.shadow_params)},
+                  tmp / "ema.safetensors")
+        state["ema"] = {"optimization_step": ema.optimization_step, "decay": ema.decay}
+    if lr_scheduler is not None:
+        state["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items()
+                                 if k != "lr_lambdas"}
+    rng = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        rng["generator"] = generator.get_state()
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def load_training_state(d: Path, optimizer=None, ema=None, lr_scheduler=None,
+                        generator: torch.Generator | None = None) -> dict:
+    state = json.loads((d / STATE_FILE).read_text())
+    if optimizer is not None and (d / "optimizer.safetensors").exists():
+        meta = json.loads((d / "optimizer.json").read_text())
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(d / "optimizer.safetensors"), meta))
+    if ema is not None and (d / "ema.safetensors").exists():
+        t = load_file(d / "ema.safetensors")
+        ema.shadow_params = [t[str(i)].to(p.device) for i, p in enumerate(ema.shadow_params)]
+        ema.optimization_step = state["ema"]["optimization_step"]
+    if lr_scheduler is not None and "lr_scheduler" in state:
+        lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
+    rng = load_file(d / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if generator is not None and "generator" in rng:
+        generator.set_state(rng["generator"])
+    return state
+
+
+def load_model_state(d: Path, unet, conditioner) -> None:
+    """Trained weights of a checkpoint into live modules (resume, or a later stage's start)."""
+    if conditioner is not None and (d / "conditioner").exists():
+        sd = load_file(d / "conditioner" / "diffusion_pytorch_model.safetensors")
+        conditioner.load_state_dict(sd)
+    if (d / "unet").exists():
+        base = load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+        own = unet.state_dict()
+        mapped = {}
+        for k in own:  # peft renames wrapped weights to <module>.base_layer.<param>
+            if "lora_" not in k:
+                mapped[k] = base[k.replace(".base_layer", "")]
+        unet.load_state_dict(mapped, strict=False)
+    lora = d / "pytorch_lora_weights.safetensors"
+    if lora.exists():
+        from peft.utils import set_peft_model_state_dict
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        sd = load_file(lora)
+        sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+        res = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd))
+        if getattr(res, "unexpected_keys", None):
+            raise ValueError(f"{lora}: unexpected LoRA keys {res.unexpected_keys[:5]}")
+
+
+_STEP = re.compile(r"step-(\d+)$")
+
+
+def list_checkpoints(run: Path) -> list[tuple[int, int, Path]]:
+    """(stage index, step, folder) sorted; a stage's `final` sorts after all its steps."""
+    out = []
+    for d in (run / "checkpoints").glob("stage-*/*"):
+        if not (d / STATE_FILE).exists() or d.name.endswith(".tmp"):
+            continue
+        st = json.loads((d / STATE_FILE).read_text())
+        out.append((st["stage_index"], st["step"] + (10**12 if st.get("complete") else 0), d))
+    return sorted(out)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as is; a run folder: its latest checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    if (path / "checkpoints").exists():
+        found = list_checkpoints(path)
+        if found:
+            return found[-1][2]
+    raise FileNotFoundError(f"{path} holds no checkpoint (expected {STATE_FILE} or checkpoints/)")
+
+
+def load_pipeline_parts(d: Path, torch_dtype: torch.dtype = torch.float32) -> tuple[dict, Config]:
+    """The modules a pipeline needs, from a checkpoint folder (SD base weights from config)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .backbone import add_lora, load_sd15
+    from .conditioning import TaxonomyConditioner
+    cfg = from_dict(json.loads((d / "config.json").read_text()))
+    kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype)
+    if cfg.model.base == "tiny":
+        unet = UNet2DConditionModel.from_pretrained(d / "unet", **kw)
+        te = CLIPTextModel.from_pretrained(d / "text_encoder", **kw)
+        tok = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(d / "vae", **kw) if (d / "vae").exists() else None
+    else:
+        bb = load_sd15(cfg.model, torch_dtype)
+        unet, te, tok, vae = bb.unet, bb.text_encoder, bb.tokenizer, bb.vae
+    cond = None
+    if (d / "conditioner").exists():
+        cond = TaxonomyConditioner.from_pretrained(d / "conditioner", **kw)
+    if (d / "pytorch_lora_weights.safetensors").exists():
+        add_lora(unet, cfg.model)
+    load_model_state(d, unet, None)  # the conditioner came complete from its folder
+    for m in (unet, te, vae, cond):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    sched = DDPMScheduler.from_pretrained(d / "scheduler")
+    return dict(unet=unet, text_encoder=te, tokenizer=tok, vae=vae, conditioner=cond,
+                taxonomy=Taxonomy.load(d / "taxonomy.json"), noise_scheduler=sched), cfg

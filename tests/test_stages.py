@@ -1,0 +1,63 @@
+"""Stage plan: what trains at which lr, and the freeze test (only level k changes in stage k)."""
+import pytest
+import torch
+
+from taxadiffusion.backbone import add_lora, build_tiny
+from taxadiffusion.config import ModelConfig, TrainConfig
+from taxadiffusion.conditioning import TaxonomyConditioner
+from taxadiffusion.stages import apply_stage, plan_stages, select_stages
+
+RANKS = ("class", "order", "family", "genus", "species")
+
+
+def test_progressive_plan_matches_the_paper():
+    plan = plan_stages(TrainConfig(), RANKS)
+    assert [s.name for s in plan] == ["stage-0-class", "stage-1-order", "stage-2-family",
+                                      "stage-3-genus", "stage-4-species"]
+    assert plan[0].train_lora and plan[0].train_levels == (0,) and plan[0].lr == 1e-4
+    for k, s in enumerate(plan[1:], 1):
+        assert s.train_levels == (k,) and not s.train_lora and not s.train_unet and s.lr == 1e-5
+        assert s.p_uncond == 0 and s.p_prefix == 0
+    assert all(s.steps == 250_000 for s in plan)
+
+
+def test_single_stage_strategies_share_the_budget():
+    tc = TrainConfig(steps_per_stage=100, steps_stage0=300)
+    for strat in ("all", "random", "lora-text", "full"):
+        (s,) = plan_stages(TrainConfig(**{**tc.__dict__, "strategy": strat}), RANKS)
+        assert s.steps == 300 + 4 * 100
+    full = plan_stages(TrainConfig(strategy="full"), RANKS)[0]
+    assert full.train_unet and full.lr == 1e-5 and full.text_prompt
+    assert plan_stages(TrainConfig(strategy="random"), RANKS)[0].random_level
+    with pytest.raises(ValueError, match="strategy"):
+        plan_stages(TrainConfig(strategy="bogus"), RANKS)
+    assert [s.index for s in select_stages(plan_stages(TrainConfig(), RANKS), "1,3")] == [1, 3]
+    with pytest.raises(ValueError, match="do not exist"):
+        select_stages(plan_stages(TrainConfig(), RANKS), "7")
+
+
+def _snapshot(*mods):
+    return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(mods) for n, p in m.state_dict().items()}
+
+
+def test_freeze_after_a_stage_k_step_only_level_k_changed():
+    mc = ModelConfig(base="tiny", level_heads=4, level_ff=128)
+    bb = build_tiny(mc, 16)
+    add_lora(bb.unet, mc)
+    cond = TaxonomyConditioner(5, 64, 2, 4, 128, 0.1, zero_init=False)
+    stage = plan_stages(TrainConfig(), RANKS)[2]
+    params = apply_stage(stage, bb.unet, cond)
+    assert not bb.unet.training and not cond.levels[0].training and cond.levels[2].training
+    before = _snapshot(bb.unet, cond)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    emb = torch.randn(2, 5, 77, 64)
+    keep = torch.tensor([[1, 1, 1, 0, 0]] * 2, dtype=torch.bool)
+    ctx = cond(emb, keep, torch.zeros(77, 64))
+    loss = bb.unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), ctx).sample.square().mean()
+    loss.backward()
+    opt.step()
+    after = _snapshot(bb.unet, cond)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    level2 = {k for k in before if k.startswith("1.levels.2.")}
+    assert changed and changed <= level2
+    assert changed == {k for k in level2 if "running" not in k}  # every level-2 tensor moved
