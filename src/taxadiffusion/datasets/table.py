@@ -71,6 +71,7 @@ class ReadReport:
     filled: Counter = field(default_factory=Counter)       # rank -> rows with "None" filled in
     truncated: Counter = field(default_factory=Counter)    # rank -> rows kept only above this rank
     fixed: Counter = field(default_factory=Counter)        # what the reader repaired -> rows
+    notes: Counter = field(default_factory=Counter)        # rows used as they are, worth knowing
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -81,7 +82,7 @@ class ReadReport:
         return {"format": self.format, "sources": self.sources, "rows_read": self.rows_read,
                 "rows_dropped": self.rows_dropped, "dropped": dict(self.dropped),
                 "filled": dict(self.filled), "truncated": dict(self.truncated),
-                "fixed": dict(self.fixed), "warnings": self.warnings}
+                "fixed": dict(self.fixed), "notes": dict(self.notes), "warnings": self.warnings}
 
 
 @dataclass
