@@ -29,7 +29,7 @@ def test_prepare_writes_everything(tmp_path, capsys):
     tiny_dataset(tmp_path / "data", bad=(1,))
     out = tmp_path / "out"
     table, tax = prepare("csv", None, images=tmp_path / "data", out=out, preview=True,
-                         check_images=True)
+                         check_images=True, missing="drop")
     text = capsys.readouterr().out
     assert "rows read 5, used 3, dropped 2" in text
     assert "dropped: missing species 1, unreadable image 1" in text
@@ -61,13 +61,20 @@ def test_cli_prepare_and_error(tmp_path, capsys):
 
 
 def test_prepare_cub(cub_dir, tmp_path, capsys):
-    _, tax = prepare("csv", cub_dir / "metadata.csv", images=cub_dir, out=tmp_path / "a")
+    # the default policy, "fill" (the released code's): the 11 rows of CUB's 4 genus-only classes
+    # become "species: None" under their genus, so all 195 classes are species
+    table, tax = prepare("csv", cub_dir / "metadata.csv", images=cub_dir, out=tmp_path / "a")
+    assert len(table.records) == 832
+    assert tax.summary() == {"kingdom": 1, "phylum": 1, "class": 1, "order": 13, "family": 37,
+                             "genus": 119, "species": 195}
+    assert "filled 'None': species 11" in capsys.readouterr().out
+    _, tax = prepare("csv", cub_dir / "metadata.csv", images=cub_dir, out=tmp_path / "b",
+                     missing="drop")
     assert tax.summary() == {"kingdom": 1, "phylum": 1, "class": 1, "order": 13, "family": 36,
                              "genus": 115, "species": 191}
-    assert "dropped: missing species 11" in capsys.readouterr().out  # genus-only CUB classes
-    # "fill" keeps them as "species: None" under their genus: the dataset's 195 classes
-    table, tax = prepare("csv", cub_dir / "metadata.csv", images=cub_dir, out=tmp_path / "b",
-                         missing="fill", ranks=["class", "order", "family", "genus", "species"])
+    assert "dropped: missing species 11" in capsys.readouterr().out
+    table, tax = prepare("csv", cub_dir / "metadata.csv", images=cub_dir, out=tmp_path / "c",
+                         ranks=["class", "order", "family", "genus", "species"])
     assert len(table.records) == 832
     assert tax.summary() == {"class": 1, "order": 13, "family": 37, "genus": 119, "species": 195}
     assert tax.upper == {"Aves": ("Animalia", "Chordata")}
@@ -76,12 +83,12 @@ def test_prepare_cub(cub_dir, tmp_path, capsys):
 CASES = [  # format, file, options, expected summary fragments
     ("inat2021", "inat2021_excerpt.json", {},
      ["rows read 2, used 2, dropped 0", "fixed: lineage from the folder name (category not listed) 2"]),
-    ("fishnet", "fishnet_test_csv_excerpt.csv", {},
+    ("fishnet", "fishnet_test_csv_excerpt.csv", {"missing": "drop"},
      ["rows read 13, used 8, dropped 5", "dropped: missing species 5",
       "fixed: class Actinopteri -> Actinopterygii 8", "no box file (whole image used) 8"]),
     ("fishnet", "fishnet_test_csv_excerpt.csv", {"missing": "keep"},
      ["rows read 13, used 13, dropped 0", "kept above a missing rank: species 5"]),
-    ("bioscan1m", "bioscan1m_small_validation_metadata_excerpt.tsv", {},
+    ("bioscan1m", "bioscan1m_small_validation_metadata_excerpt.tsv", {"missing": "drop"},
      ["rows read 8, used 1, dropped 7", "dropped: missing genus 6, missing species 1",
       "fixed: part folder from image_tar 8"]),
     ("bioscan1m", "bioscan1m_small_validation_metadata_excerpt.tsv", {"missing": "keep"},

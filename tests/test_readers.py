@@ -53,7 +53,7 @@ def test_inat2021_excerpt_recovers_lineage_from_folder(formats_dir, tmp_path):
 
 def test_fishnet_excerpt_policies(formats_dir, tmp_path):
     f = formats_dir / "fishnet_test_csv_excerpt.csv"
-    t = read_table("fishnet", f, tmp_path)
+    t = read_table("fishnet", f, tmp_path, missing="drop")
     r = t.report
     assert (r.rows_read, len(t.records), dict(r.dropped)) == (13, 8, {"missing species": 5})
     assert r.fixed["class Actinopteri -> Actinopterygii"] == 8
@@ -84,17 +84,17 @@ def test_fishnet_order_table_is_recognised_and_usable(formats_dir, tmp_path):
     csv = csv.replace(",Gobiidae,3.22000002861023,benthic,1,0,0,0,0,0,1,0,Gobiiformes,",
                       ",Gobiidae,3.22000002861023,benthic,1,0,0,0,0,0,1,0,,")
     f = write(tmp_path / "anns" / "test.csv", csv)
-    t = read_fishnet(f, tmp_path, order_table=table)
+    t = read_fishnet(f, tmp_path, order_table=table, missing="drop")
     assert {x.lineage[1] for x in t.records} == {"Gobiiformes"}
     assert t.report.fixed["order from the family-to-order table"] == 8
-    t2 = read_fishnet(f, tmp_path, order_table=False)  # NewOrder repairs all but the emptied one
+    t2 = read_fishnet(f, tmp_path, order_table=False, missing="drop")  # NewOrder repairs all but the emptied one
     assert t2.report.fixed["order from NewOrder"] == 7
     assert t2.report.notes["order with '/' kept as written (no NewOrder or table entry)"] == 1
 
 
 def test_bioscan1m_excerpt_part_from_image_tar(formats_dir, tmp_path):
     f = formats_dir / "bioscan1m_small_validation_metadata_excerpt.tsv"
-    t = read_table("bioscan1m", f, tmp_path)
+    t = read_table("bioscan1m", f, tmp_path, missing="drop")
     assert t.report.fixed == {"part folder from image_tar": 8}
     assert dict(t.report.dropped) == {"missing genus": 6, "missing species": 1}
     (rec,) = t.records
@@ -115,7 +115,7 @@ def test_bioscan5m_json_excerpt(formats_dir, tmp_path):
                      str(tmp_path.resolve() / "test" / "CRATC20925-23.jpg")]
     assert t.report.filled == {"species": 1}
     assert t.taxonomy().lookup("Tylozygus geometricus").path[-1] == "geometricus"
-    drop = read_table("bioscan5m", f, tmp_path)
+    drop = read_table("bioscan5m", f, tmp_path, missing="drop")
     assert len(drop.records) == 1 and drop.report.dropped == {"missing species": 1}
 
 

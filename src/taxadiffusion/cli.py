@@ -7,6 +7,7 @@ COMMANDS is a plain dict: name -> (help, add_arguments, run).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -19,7 +20,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, help="image root the metadata's paths are relative to")
     p.add_argument("--out", default=None, help="where taxonomy.json and table.csv go (default: ./prepared)")
     p.add_argument("--ranks", default=None, help="comma list of modelled ranks (default: all the format has)")
-    p.add_argument("--missing-ranks", default="drop", choices=["drop", "keep", "fill"],
+    p.add_argument("--missing-ranks", default="fill", choices=["drop", "keep", "fill"],
                    help="rows missing a rank: drop them, keep them for the levels they have, or fill 'None'")
     p.add_argument("--strict", action="store_true", help="a name placed under two parents is an error")
     p.add_argument("--preview", action="store_true", help="write preview.png: a few images per family")
@@ -33,9 +34,59 @@ def _prepare(a: argparse.Namespace) -> None:
             strict=a.strict, preview=a.preview, check_images=a.check_images)
 
 
+# -- train -----------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML preset path or name (tiny-cpu, sd15-fishnet, ...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data train.batch_size=8")
+    p.add_argument("--stages", default=None, help="'all', a stage index, or a comma list (train.stages)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--output_dir", default=None, help="parent of the run folder (train.output_dir)")
+    p.add_argument("--name", default=None, help="run name: the folder under output_dir")
+
+
+def _train(a: argparse.Namespace) -> None:
+    from .config import load_config
+    from .training import train
+    extra = [f"train.stages={a.stages}"] if a.stages else []
+    extra += [f"train.output_dir={a.output_dir}"] if a.output_dir else []
+    extra += [f"name={a.name}"] if a.name else []
+    cfg = load_config(a.config, list(a.overrides) + extra)
+    run = train(cfg, resume=a.resume)
+    print(f"run folder: {run}")
+
+
+# -- sample ------------------------------------------------------------------------------------------------
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder, checkpoint folder or saved pipeline")
+    p.add_argument("--taxon", required=True, help='binomial, name, or lineage "A > B > C" (may end unseen)')
+    p.add_argument("--level", default=None, help="rank (or level index) to sample at; default: the taxon's")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--guidance", default=None, choices=["taxa", "cfg", "none"])
+    p.add_argument("--scale", type=float, default=None, help="guidance scale s (diffusers convention; s = 1 + w)")
+    p.add_argument("--guide-level", type=int, default=None, help="TaxaGuide reference level (paper: 0)")
+    p.add_argument("--guidance-interval", default=None, help="start,stop fractions, e.g. 0,0.6")
+    p.add_argument("--steps", type=int, default=None, help="inference steps")
+    p.add_argument("--scheduler", default=None, help="ddpm, ddim, dpm++, euler, euler-a, pndm, unipc")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples/<taxon>)")
+    p.add_argument("--all-levels", action="store_true",
+                   help="trait-discovery row: the same seeds at every level from 0 to the taxon's")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def _sample(a: argparse.Namespace) -> None:
+    from .sampling import sample_command
+    sample_command(a)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("validate metadata, print a summary, write taxonomy.json and a normalised table",
                 _prepare_args, _prepare),
+    "train": ("train one stage or all of them (progressive, all, random, lora-text, full)",
+              _train_args, _train),
+    "sample": ("sample a taxon with TaxaGuide/CFG: a PNG per image named by seed, and a grid",
+               _sample_args, _sample),
 }
 
 
@@ -44,10 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_, description=help_))
-    args = parser.parse_args(argv)
+    # dotted overrides may come before or after options (argparse stops positionals at an option)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         COMMANDS[args.command][2](args)
     except (ValueError, KeyError, FileNotFoundError) as e:
+        if os.environ.get("TAXADIFFUSION_DEBUG"):
+            raise
         # user-facing errors (bad input, missing weights) print as one line, not a traceback
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"taxadiffusion {args.command}: error: {msg}", file=sys.stderr)

@@ -23,7 +23,7 @@ class DataConfig:
     metadata: str | None = None         # metadata file; csv: defaults to <root>/metadata.csv
     root: str | None = None             # image root
     ranks: list[str] | None = None      # modelled ranks; None: every rank the format provides
-    missing_ranks: str = "drop"         # drop | keep | fill (released code: fill "<rank>: None")
+    missing_ranks: str = "fill"         # fill "<rank>: None" (the released code) | keep | drop
     strict: bool = False                # a name under two parents is an error, not a warning
     species_prompt: str = "binomial"    # "species: Genus epithet"; "epithet" = released code's prompt
     resolution: int = 512               # paper Table S1: 512 x 512

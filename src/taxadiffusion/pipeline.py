@@ -46,13 +46,17 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,                    # SD v1.5's default (the released code's sampler)
     "unipc": UniPCMultistepScheduler,
 }
+# SD v1.5's scheduler settings where they differ from a class's defaults (its scheduler_config.json)
+SCHEDULER_SETTINGS = {"pndm": {"skip_prk_steps": True, "set_alpha_to_one": False},
+                      "ddim": {"set_alpha_to_one": False}}
 PIPELINE_FILE = "taxadiffusion.json"
 
 
 def make_scheduler(name: str, config) -> object:
+    """A sampler over the training noise schedule `config` (the one schedule, DESIGN.md)."""
     if name not in SCHEDULERS:
         raise KeyError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config)
+    return SCHEDULERS[name].from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
 def image_seed(seed: int, i: int) -> int:

@@ -95,7 +95,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if bad:
             log(f"images: {len(bad)} unreadable, excluded and counted: " + ", ".join(bad[:5]))
     else:
-        ids_all = torch.stack([dataset.ids_of(i) for i in range(len(dataset))])
+        ids_all = dataset.ids
 
     # -- where to start: a fresh run or the latest checkpoint ----------------------------------------------
     start_stage, start_ckpt = stages[0].index, None

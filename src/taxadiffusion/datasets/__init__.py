@@ -1,6 +1,6 @@
 """Metadata readers: one module per format, each returning a validated `Table` (datasets/table.py).
 
-READERS maps a format name to its reader `read_xxx(metadata, root, *, ranks=None, missing="drop",
+READERS maps a format name to its reader `read_xxx(metadata, root, *, ranks=None, missing="fill",
 strict=False) -> Table`. Image loading and preprocessing (torch) live in datasets/images.py and are
 not imported here, so the CLI can list formats without importing torch.
 """
@@ -39,7 +39,7 @@ FORMAT_UPPER_RANKS: dict[str, tuple[str, ...]] = {
 
 
 def read_table(fmt: str, metadata: str | os.PathLike | None, root: str | os.PathLike, *,
-               ranks: Sequence[str] | None = None, missing: str = "drop", strict: bool = False,
+               ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False,
                **options: Any) -> Table:
     """Read `metadata` in format `fmt`; `options` go to the reader (e.g. FishNet's order_table=).
 

@@ -49,7 +49,7 @@ def _names(get, source, line, report: ReadReport, strict: bool) -> dict[str, str
 
 
 def read_bioscan1m(metadata: str | os.PathLike, root: str | os.PathLike, *,
-                   ranks: Sequence[str] | None = None, missing: str = "drop",
+                   ranks: Sequence[str] | None = None, missing: str = "fill",
                    strict: bool = False) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("bioscan1m", RANKS, ranks, ("kingdom", "phylum"))
@@ -119,7 +119,7 @@ def _records_5m(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, di
 
 
 def read_bioscan5m(metadata: str | os.PathLike, root: str | os.PathLike, *,
-                   ranks: Sequence[str] | None = None, missing: str = "drop",
+                   ranks: Sequence[str] | None = None, missing: str = "fill",
                    strict: bool = False) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("bioscan5m", RANKS, ranks, ("kingdom", "phylum"))

@@ -4,7 +4,7 @@ Columns used: `image, Folder, Class, Order, NewOrder, Family, Genus, species` (t
 plus `NewOrder`); ranks class..species, with kingdom Animalia and phylum Chordata as fixed upper
 ranks (BioCLIP text). Rules, each counted in the report:
 - `species` holds a binomial on FishBase rows and is EMPTY on iNat-sourced rows (about 55%): under
-  the default "drop" policy those are dropped as "missing species"; "keep" keeps them to genus level;
+  the "drop" policy those are dropped as "missing species"; "keep" keeps them to genus level;
   "fill" gives "species: None" as the released code does. A binomial whose first word is not the
   `Genus` cell is dropped ("binomial disagrees with genus"; DataError under --strict).
 - Order: `Order` can hold a slash ("A/B"); `NewOrder` is FishNet's cleaned value. Precedence: the
@@ -117,7 +117,7 @@ def _basename(image: str) -> str:
 
 
 def read_fishnet(metadata: str | os.PathLike, root: str | os.PathLike, *,
-                 ranks: Sequence[str] | None = None, missing: str = "drop", strict: bool = False,
+                 ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False,
                  order_table: str | os.PathLike | None | Literal[False] = None,
                  boxes: str | os.PathLike | None = None) -> Table:
     path = Path(metadata)

@@ -22,7 +22,7 @@ SPECIES_COLUMNS = ("species", "specific_epithet")
 
 
 def read_csv(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
-             ranks: Sequence[str] | None = None, missing: str = "drop", strict: bool = False) -> Table:
+             ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False) -> Table:
     """Read a generic CSV; `metadata=None` means `<root>/metadata.csv`."""
     path = Path(metadata) if metadata is not None else Path(root) / "metadata.csv"
     header, rows = read_delimited(path)

@@ -162,8 +162,9 @@ class SpeciesImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def rng(self, index: int) -> np.random.Generator | None:
-        return np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator | None:
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([self.seed, epoch, index]) if self.train else None
 
     def pixels(self, index: int) -> torch.Tensor:
         """The preprocessed image of record `index`; raises if the file cannot be decoded."""
@@ -171,7 +172,10 @@ class SpeciesImageDataset(torch.utils.data.Dataset):
         img = load_image(r.path)
         return to_tensor(self.fn(img, r.box, self.resolution, self.rng(index)))
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        """`dataset[i]`, or `dataset[(i, epoch)]`: the training loop's batch sampler passes the
+        epoch with each index, so DataLoader workers need no shared `set_epoch` state."""
+        index, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         n = len(self.records)
         for k in range(n):
             j = (index + k) % n
@@ -188,7 +192,7 @@ class SpeciesImageDataset(torch.utils.data.Dataset):
                                   f"{type(e).__name__}: {e}; replaced by the next readable record",
                                   BadImageWarning, stacklevel=2)
                 continue
-            px = to_tensor(self.fn(img, r.box, self.resolution, self.rng(j)))
+            px = to_tensor(self.fn(img, r.box, self.resolution, self.rng(j, epoch)))
             return {"pixels": px, "ids": self.ids[j].clone(), "index": j, "bad": int(k > 0)}
         raise RuntimeError(f"none of the {n} images of this table can be read (first: "
                            f"{self.records[0].path})")

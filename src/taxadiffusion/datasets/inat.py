@@ -49,7 +49,7 @@ def _names(lineage: Sequence[str | None]) -> dict[str, str | None]:
 
 
 def read_inat2021(metadata: str | os.PathLike, root: str | os.PathLike, *,
-                  ranks: Sequence[str] | None = None, missing: str = "drop",
+                  ranks: Sequence[str] | None = None, missing: str = "fill",
                   strict: bool = False) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("inat2021", ALL_RANKS, ranks)
@@ -118,7 +118,7 @@ def read_inat2021(metadata: str | os.PathLike, root: str | os.PathLike, *,
 
 
 def read_inat_folders(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
-                      ranks: Sequence[str] | None = None, missing: str = "drop",
+                      ranks: Sequence[str] | None = None, missing: str = "fill",
                       strict: bool = False) -> Table:
     """Scan `metadata` (a directory of class folders; None: the image root itself)."""
     top = Path(metadata) if metadata is not None else Path(root)

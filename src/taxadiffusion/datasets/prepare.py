@@ -101,7 +101,7 @@ def write_preview(table: Table, taxonomy: Taxonomy, path: str | os.PathLike, *,
 
 def prepare(fmt: str, metadata: str | os.PathLike | None, *, images: str | os.PathLike,
             out: str | os.PathLike = "prepared", ranks: Sequence[str] | None = None,
-            missing: str = "drop", strict: bool = False, preview: bool = False,
+            missing: str = "fill", strict: bool = False, preview: bool = False,
             check_images: bool = False, verbose: bool = True,
             **options: Any) -> tuple[Table, Taxonomy]:
     """Read, validate, summarise and write the prepared folder; returns (table, taxonomy)."""

@@ -130,7 +130,7 @@ def build_table(
     root: str | os.PathLike,
     ranks: Sequence[str],
     preprocess: str,
-    missing: str = "drop",
+    missing: str = "fill",
     strict: bool = False,
     upper_ranks: Sequence[str] = (),
     report: ReadReport | None = None,
