@@ -10,6 +10,7 @@ so a killed run continues exactly as if it had not stopped (tests/test_resume.py
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,9 +40,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     # -- run folder, accelerator, seed ---------------------------------------------------------------
     run = Path(tc.output_dir) / cfg.name
     ddp = DistributedDataParallelKwargs(find_unused_parameters=tc.strategy == "random")
+    # several processes and no GPU (torchrun or `accelerate launch --cpu`): accelerate only builds a
+    # gloo process group when told the run is on the CPU
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=run,
                       gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                      kwargs_handlers=[ddp])
+                      kwargs_handlers=[ddp], cpu=multi_cpu)
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     set_seed(tc.seed)  # same initial weights on every rank
     if main:
