@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tinyrun import tiny_overrides, write_images
@@ -29,12 +30,41 @@ def _final_weights(run: Path) -> dict:
     return out
 
 
-def test_sigkill_then_resume_latest_matches_uninterrupted(tmp_path):
+LONG = ["train.steps_stage0=40", "train.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory):
+    """An uninterrupted run: 40 steps of stage 0, 3 of each later stage."""
+    tmp_path = tmp_path_factory.mktemp("resume")
     data = write_images(tmp_path / "data")
     env = {**os.environ, "TAXADIFFUSION_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    long = ["train.steps_stage0=40", "train.checkpoint_every=5"]
-    ref = tiny_overrides(data, tmp_path / "runs", "ref") + long
-    subprocess.run(_cmd(ref), check=True, env=env, capture_output=True)
+    subprocess.run(_cmd(tiny_overrides(data, tmp_path / "runs", "ref") + LONG), check=True, env=env,
+                   capture_output=True)
+    return tmp_path, data, env
+
+
+def test_freeze_each_stage_changes_exactly_its_level(ref_run):
+    """Stage k's final checkpoint differs from stage k-1's in level k's encoder only: the UNet,
+    the text encoder and every other level are bitwise unchanged (paper Sec. 3.3)."""
+    ckpts = sorted((ref_run[0] / "runs" / "ref" / "checkpoints").glob("stage-*/final"))
+    assert len(ckpts) == 4
+
+    def weights(d):
+        return {f"{f.relative_to(d)}:{k}": v for f in sorted(d.glob("**/*.safetensors"))
+                if f.name != "rng.safetensors" for k, v in load_file(f).items()}
+
+    for k in range(1, 4):
+        a, b = weights(ckpts[k - 1]), weights(ckpts[k])
+        assert a.keys() == b.keys()
+        changed = {n for n in a if not torch.equal(a[n], b[n])}
+        level_k = {n for n in a if n.startswith("conditioner/") and f":levels.{k}." in n}
+        assert changed == level_k, sorted(changed ^ level_k)[:5]
+
+
+def test_sigkill_then_resume_latest_matches_uninterrupted(ref_run):
+    tmp_path, data, env = ref_run
+    long = LONG
 
     killed = tiny_overrides(data, tmp_path / "runs", "killed") + long
     proc = subprocess.Popen(_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
