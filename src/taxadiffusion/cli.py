@@ -80,13 +80,70 @@ def _sample(a: argparse.Namespace) -> None:
     sample_command(a)
 
 
+# -- evaluate ----------------------------------------------------------------------------------------------
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder, checkpoint folder or saved pipeline")
+    p.add_argument("--real", default=None,
+                   help="real images to compare with: metadata file (default: the run's training data)")
+    p.add_argument("--real-format", default=None, help="format of --real (default: the run's)")
+    p.add_argument("--real-root", default=None, help="image root of --real (default: the run's)")
+    p.add_argument("--split", default="train", help="name of the real split, for the feature cache key")
+    p.add_argument("--n-per-taxon", type=int, default=None, help="generated images per taxon")
+    p.add_argument("--levels", nargs="+", default=None, help="ranks to evaluate (default: every level)")
+    p.add_argument("--max-taxa", type=int, default=None, help="at most this many taxa per level (seeded)")
+    p.add_argument("--metrics", default=None,
+                   help="comma list of fid,lpips,bioclip,oracle (default: oracle on the synthetic "
+                        "world, else fid,lpips,bioclip)")
+    p.add_argument("--guidance", default=None, choices=["taxa", "cfg", "none"])
+    p.add_argument("--scale", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-weights", default=None, help="FID Inception weights file")
+    p.add_argument("--alexnet-weights", default=None, help="AlexNet weights for LPIPS")
+    p.add_argument("--bioclip", default=None, help="BioCLIP: hf-hub:imageomics/bioclip (cache) or a folder")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval/<settings>)")
+    p.add_argument("--device", default=None)
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from .evaluation.run import evaluate_command
+    evaluate_command(a)
+
+
+# -- demo and report ----------------------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="demo folder (rerun to continue after a stop)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="scale the training budget to about this many minutes (default: the preset's)")
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from .demo import demo
+    demo(a.out, minutes=a.minutes)
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder")
+
+
+def _report(a: argparse.Namespace) -> None:
+    from .report import build_report
+    print(f"wrote {build_report(a.run)}")
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "demo": ("the whole method on the embedded synthetic world, CPU, about 20 minutes",
+             _demo_args, _demo),
     "prepare": ("validate metadata, print a summary, write taxonomy.json and a normalised table",
                 _prepare_args, _prepare),
     "train": ("train one stage or all of them (progressive, all, random, lora-text, full)",
               _train_args, _train),
     "sample": ("sample a taxon with TaxaGuide/CFG: a PNG per image named by seed, and a grid",
                _sample_args, _sample),
+    "evaluate": ("FID/KID by level, LPIPS, BioCLIP, oracle; per-class and few-shot tables",
+                 _evaluate_args, _evaluate),
+    "report": ("rebuild RUN/report.html from its sections", _report_args, _report),
 }
 
 
