@@ -37,6 +37,14 @@ SD15_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, cross_att
                         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                         attention_head_dim=8)
 VAE_SCALE = 0.18215  # SD v1.5 latent scaling factor (vae/config.json scaling_factor)
+# openai/clip-vit-large-patch14's text tower, as SD v1.5's text_encoder/config.json
+CLIP_L_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                     projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+# SD v1.5's vae/config.json
+SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                       block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=VAE_SCALE)
 
 
 @dataclass
@@ -46,7 +54,7 @@ class Backbone:
     tokenizer: CLIPTokenizer
     vae: AutoencoderKL | None          # None: pixel space
     noise_scheduler: DDPMScheduler     # the one schedule; samplers are built from its config
-    source: str                        # "tiny" or the SD folder it came from
+    source: str                        # "tiny" (built in code: checkpoints carry it) or the SD folder
 
     @property
     def context_dim(self) -> int:
@@ -155,8 +163,7 @@ def tiny_vae() -> AutoencoderKL:
 
 def build_tiny(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:
     """Random-init parts with the SD classes; deterministic for a given seed."""
-    g = torch.random.fork_rng()
-    with g:
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         te = tiny_text_encoder(cfg).eval().requires_grad_(False)
         vae = None if cfg.pixel_space else tiny_vae().eval().requires_grad_(False)
@@ -165,13 +172,29 @@ def build_tiny(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:
     return Backbone(unet, te, clip_tokenizer(), vae, noise_scheduler(cfg, cfg.pixel_space), "tiny")
 
 
+def build_sd15_random(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:
+    """SD v1.5's exact architectures (UNet, VAE, CLIP-L text encoder) at random init: for benchmarks
+    and tests of the real-size path on machines without the weights. Not for sampling."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": resolution // 8})
+        te = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG)).eval().requires_grad_(False)
+        vae = AutoencoderKL(**SD15_VAE_CONFIG).eval().requires_grad_(False)
+    return Backbone(unet, te, clip_tokenizer(), vae, noise_scheduler(cfg, pixel_space=False), "tiny")
+
+
+BUILDERS = {  # model.base -> how the parts are made
+    "tiny": lambda cfg, res, seed, dtype: build_tiny(cfg, res, seed),
+    "sd15": lambda cfg, res, seed, dtype: load_sd15(cfg, dtype),
+    "sd15-random": lambda cfg, res, seed, dtype: build_sd15_random(cfg, res, seed),
+}
+
+
 def build_backbone(cfg: ModelConfig, resolution: int, seed: int = 0,
                    torch_dtype: torch.dtype = torch.float32) -> Backbone:
-    if cfg.base == "tiny":
-        return build_tiny(cfg, resolution, seed)
-    if cfg.base == "sd15":
-        return load_sd15(cfg, torch_dtype)
-    raise ValueError(f"model.base must be 'sd15' or 'tiny', got {cfg.base!r}")
+    if cfg.base not in BUILDERS:
+        raise ValueError(f"model.base must be one of {', '.join(BUILDERS)}, got {cfg.base!r}")
+    return BUILDERS[cfg.base](cfg, resolution, seed, torch_dtype)
 
 
 # -- LoRA (peft, as diffusers' train_text_to_image_lora.py) ---------------------------------------------

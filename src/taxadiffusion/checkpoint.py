@@ -185,7 +185,7 @@ def load_pipeline_parts(d: Path, torch_dtype: torch.dtype = torch.float32) -> tu
     from .conditioning import TaxonomyConditioner
     cfg = from_dict(json.loads((d / "config.json").read_text()))
     kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype)
-    if cfg.model.base == "tiny":
+    if cfg.model.base != "sd15":  # built in code: the checkpoint carries every part
         unet = UNet2DConditionModel.from_pretrained(d / "unet", **kw)
         te = CLIPTextModel.from_pretrained(d / "text_encoder", **kw)
         tok = CLIPTokenizer.from_pretrained(d / "tokenizer", local_files_only=True)

@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base: str = "sd15"                  # sd15: Stable Diffusion v1.5 parts; tiny: built in code
+    base: str = "sd15"                  # sd15: SD v1.5 weights; tiny: built in code; sd15-random: SD shapes, random
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # local folder or hub id (cache only)
     # tiny backbone (base: tiny); the measured CPU model of DESIGN.md
     pixel_space: bool = True            # tiny: diffuse pixels (no VAE)

@@ -182,8 +182,9 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
         log.fixed(stage.name, step, fixed_loss())
         bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not main, dynamic_ncols=True)
-        t0, seen, window = time.time(), 0, []
+        window, durations, seen = [], [], 0
         while step < stage.steps:
+            t_step = time.perf_counter()
             # -- one optimizer step: `accum` micro-batches -----------------------------------------
             for _ in range(accum):
                 x0, ids = next(batches)
@@ -210,15 +211,17 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             lr_sched.step()
             if ema is not None:
                 ema.step(params)
+            durations.append(time.perf_counter() - t_step)
             bar.update(1)
             # -- log, checkpoint, validate -------------------------------------------------------------
             if step % tc.log_every == 0 or step == stage.steps:
-                ips = seen / (time.time() - t0)
+                med = sorted(durations)[len(durations) // 2]
+                ips = seen / sum(durations)
                 rec = {"stage": stage.name, "step": step, "loss": sum(window) / len(window),
-                       "lr": lr_sched.get_last_lr()[0], "images_per_s": ips}
+                       "lr": lr_sched.get_last_lr()[0], "images_per_s": ips, "step_s_median": med}
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}", img_s=f"{ips:.1f}")
                 log.metrics(rec, acc)
-                window = []
+                window, durations, seen = [], [], 0
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < stage.steps:
                 ckpt(f"step-{step}")
             if tc.validate_every and step % tc.validate_every == 0 and step < stage.steps:
