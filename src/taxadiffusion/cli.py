@@ -132,6 +132,62 @@ def _report(a: argparse.Namespace) -> None:
     print(f"wrote {build_report(a.run)}")
 
 
+# -- analysis: traits, attention, embeddings (issue 8) -------------------------------------------------------
+def _analysis_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder, checkpoint folder or saved pipeline")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/analysis; ./analysis for a saved pipeline outside a run)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def _sampling_common(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--taxon", required=True, help='binomial, name, or lineage "A > B > C"')
+    p.add_argument("--n", type=int, default=n, help="images per column (one row per image)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", default=None, choices=["taxa", "cfg", "none"])
+    p.add_argument("--scale", type=float, default=None, help="guidance scale s (diffusers convention; s = 1 + w)")
+    p.add_argument("--guide-level", type=int, default=None, help="TaxaGuide reference level (paper: 0)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps")
+    p.add_argument("--scheduler", default=None, help="ddpm, ddim, dpm++, euler, euler-a, pndm, unipc")
+
+
+def _traits_args(p: argparse.ArgumentParser) -> None:
+    _analysis_common(p)
+    _sampling_common(p, 4)
+    p.add_argument("--max-siblings", type=int, default=12, help="at most this many sibling columns")
+
+
+def _traits(a: argparse.Namespace) -> None:
+    from .analysis.traits import traits_command
+    traits_command(a)
+
+
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    _analysis_common(p)
+    _sampling_common(p, 2)
+    p.add_argument("--window", default="0,1",
+                   help="start,stop fractions of the denoising steps to average over (default: all)")
+
+
+def _attention(a: argparse.Namespace) -> None:
+    from .analysis.attention import attention_command
+    attention_command(a)
+
+
+def _embeddings_args(p: argparse.ArgumentParser) -> None:
+    _analysis_common(p)
+    p.add_argument("--level", required=True, help="rank (or level index) whose embeddings to map")
+    p.add_argument("--color-by", default=None, help="a higher rank to colour and score by (default: the parent rank)")
+    p.add_argument("--max-taxa", type=int, default=None, help="a seeded random subset of at most this many taxa")
+    p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (default: (n-1)/3 in [1, 30])")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _embeddings(a: argparse.Namespace) -> None:
+    from .analysis.embeddings import embeddings_command
+    embeddings_command(a)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "demo": ("the whole method on the embedded synthetic world, CPU, about 20 minutes",
              _demo_args, _demo),
@@ -144,6 +200,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "evaluate": ("FID/KID by level, LPIPS, BioCLIP, oracle; per-class and few-shot tables",
                  _evaluate_args, _evaluate),
     "report": ("rebuild RUN/report.html from its sections", _report_args, _report),
+    "traits": ("trait discovery: one lineage at every level, and its siblings, with the same seeds",
+               _traits_args, _traits),
+    "attention": ("cross-attention maps of each level's contribution over the generated image",
+                  _attention_args, _attention),
+    "embeddings": ("t-SNE of one level's learned embeddings vs the text encoder's, with silhouette scores",
+                   _embeddings_args, _embeddings),
 }
 
 

@@ -1,0 +1,163 @@
+"""Trait discovery grids: what each rank adds, and what separates sibling taxa (paper Sec. 4.3, Fig. 1).
+
+- `trait_grid`: one lineage sampled at every level 0 ... k with the same seeds. Image i of a request
+  draws all its noise from a generator seeded from (seed, i) (pipeline.image_generators), so in the
+  grid (rows: image i, columns: levels) a row changes only through the condition: what appears from
+  column k-1 to column k is what level k's rank contributes.
+- `sibling_grid`: every child of the taxon's parent (for a species: the species of its genus) with
+  the same seeds, so the columns differ only in the last rank's name: what separates the siblings.
+  At most `max_siblings` columns (the taxon itself is always kept); the total is returned so a
+  caller can say how many were left out.
+
+`taxadiffusion traits RUN --taxon "Chaetodon auriga"` writes both grids (and every image) under
+RUN/analysis/traits/<taxon>/ and adds a report section.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..imaging import labelled_grid, save_pngs
+from ..sampling import load_for_sampling, slug
+from . import output_folder, publish, sample_settings
+
+MAX_SIBLINGS = 12
+REPORT_ORDER = 60
+
+
+def level_label(ranks: Sequence[str], names: Sequence[str]) -> str:
+    """'species: Corvus corax' for the last name of a lineage prefix, 'genus: Corvus' etc."""
+    lvl = len(names) - 1
+    if ranks[lvl] == "species" and lvl and ranks[lvl - 1] == "genus":
+        return f"species: {names[-2]} {names[-1]}"
+    return f"{ranks[lvl]}: {names[-1]}"
+
+
+def short_label(ranks: Sequence[str], names: Sequence[str]) -> str:
+    """A column label that fits a grid cell: 'C. corax' for a species, else the name."""
+    lvl = len(names) - 1
+    if ranks[lvl] == "species" and lvl and ranks[lvl - 1] == "genus":
+        return f"{names[-2][:1]}. {names[-1]}"
+    return names[-1]
+
+
+def trait_grid(pipe, taxon: str, n: int = 4, seed: int = 0,
+               **sample_kw) -> tuple[torch.Tensor, list[str]]:
+    """(images (levels, n, 3, H, W) uint8, one label per level) for levels 0 ... the taxon's.
+
+    `sample_kw` goes to the pipeline (guidance, guidance_scale, num_inference_steps, ...). The same
+    `seed` at every level: image i has the same initial and per-step noise in every column.
+    """
+    names = pipe.resolve_taxon(taxon)
+    lineage = " > ".join(names)
+    kw = {"progress": False, **sample_kw, "output_type": "uint8"}
+    images = torch.stack([pipe(lineage, level=lvl, num_images=n, seed=seed, **kw).images
+                          for lvl in range(len(names))])
+    ranks = pipe.taxonomy.ranks
+    return images, [level_label(ranks, names[: lvl + 1]) for lvl in range(len(names))]
+
+
+def siblings(pipe, taxon: str) -> list[tuple[str, ...]]:
+    """Lineages of the taxon's siblings (the children of its parent; level 0: every level-0 taxon),
+    itself included, in vocabulary order. An unseen taxon (a path with an unseen tail) is added to
+    its known parent's children."""
+    tax = pipe.taxonomy
+    names = pipe.resolve_taxon(taxon)
+    lvl = len(names) - 1
+    parent = names[:-1]
+    if lvl == 0:
+        paths = [t.path for t in tax.vocab(0)]
+    elif tax.find(" > ".join(parent)):
+        paths = [t.path for t in tax.children(tax.make(parent))]
+    else:  # the parent itself is unseen: it has no known children
+        paths = []
+    if names not in paths:
+        paths = sorted([*paths, names])
+    return paths
+
+
+def shown_siblings(pipe, taxon: str, max_siblings: int = MAX_SIBLINGS) -> tuple[list[tuple[str, ...]], int]:
+    """(the sibling lineages a grid shows, total number of siblings): at most `max_siblings` in
+    vocabulary order, always including the taxon itself."""
+    if max_siblings < 1:
+        raise ValueError(f"max_siblings must be at least 1, got {max_siblings}")
+    names = pipe.resolve_taxon(taxon)
+    paths = siblings(pipe, taxon)
+    if len(paths) <= max_siblings:
+        return paths, len(paths)
+    others = [p for p in paths if p != names][: max_siblings - 1]
+    return sorted([*others, names]), len(paths)
+
+
+def sibling_grid(pipe, taxon: str, n: int = 4, seed: int = 0, max_siblings: int = MAX_SIBLINGS,
+                 **sample_kw) -> tuple[torch.Tensor, list[str], int]:
+    """(images (siblings, n, 3, H, W) uint8, labels, total number of siblings).
+
+    Columns are `shown_siblings` (so `len(labels) < total` means some were left out, and the caller
+    should say so); the same `seed` in every column.
+    """
+    paths, total = shown_siblings(pipe, taxon, max_siblings)
+    kw = {"progress": False, **sample_kw, "output_type": "uint8"}
+    images = torch.stack([pipe(" > ".join(p), num_images=n, seed=seed, **kw).images for p in paths])
+    ranks = pipe.taxonomy.ranks
+    return images, [level_label(ranks, p) for p in paths], total
+
+
+def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
+    """Rows: image i (same noise across the row); columns: the first axis of `images`."""
+    n, size = images.shape[1], images.shape[-1]
+    rows = [images[:, i] for i in range(n)]
+    # at least 96 px so labels fit; at most 256 so an SD grid of 5 x 12 stays a viewable size
+    return labelled_grid(rows, [f"seed {seed} #{i}" for i in range(n)], list(col_labels),
+                         cell=max(96, min(size, 256)))
+
+
+def traits_command(a) -> list[Path]:
+    """`taxadiffusion traits`: the level grid and the sibling grid of one taxon, PNGs + report."""
+    pipe, sc = load_for_sampling(a.run, a.scheduler, a.device)
+    kw = sample_settings(a, sc)
+    names = pipe.resolve_taxon(a.taxon)
+    ranks = pipe.taxonomy.ranks
+    folder, run_dir = output_folder(a.run, "traits", a.out)
+    folder = folder / slug(" ".join(names[-2:]))
+
+    levels, labels = trait_grid(pipe, a.taxon, a.n, a.seed, **kw)
+    for lvl, imgs in enumerate(levels):
+        save_pngs(imgs, [f"level{lvl}-seed{a.seed}-{i:04d}" for i in range(a.n)], folder / "images")
+    lv_png = folder / f"levels-seed{a.seed}.png"
+    _grid(levels, [short_label(ranks, names[: lvl + 1]) for lvl in range(len(names))], a.seed).save(lv_png)
+
+    sib, sib_labels, total = sibling_grid(pipe, a.taxon, a.n, a.seed, a.max_siblings, **kw)
+    shown, _ = shown_siblings(pipe, a.taxon, a.max_siblings)
+    for p, imgs in zip(shown, sib):
+        save_pngs(imgs, [f"{slug(p[-1])}-seed{a.seed}-{i:04d}" for i in range(a.n)],
+                  folder / "siblings")
+    sib_png = folder / f"siblings-seed{a.seed}.png"
+    _grid(sib, [short_label(ranks, p) for p in shown], a.seed).save(sib_png)
+
+    note = (f"showing {len(sib_labels)} of {total} siblings (--max-siblings {a.max_siblings}; the "
+            f"taxon itself and the first others in name order)" if total > len(sib_labels) else
+            f"all {total} siblings")
+    settings = {"run": str(a.run), "taxon": " > ".join(names), "n": a.n, "seed": a.seed,
+                "scheduler": type(pipe.scheduler).__name__, **kw, "levels": labels,
+                "siblings": sib_labels, "siblings_total": total}
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+    print(f"wrote {lv_png} and {sib_png} ({note})")
+
+    if run_dir is not None:
+        from ..report import rel
+        parent = level_label(ranks, names[:-1]) if len(names) > 1 else "the top rank"
+        publish(run_dir, f"traits-{slug(' '.join(names))}", f"Trait discovery: {labels[-1]}", [
+            {"text": "Lineage: " + " > ".join(names) + ". Each row is one image's noise (seed "
+             f"{a.seed}, image #i), identical in every column, so a row changes only through the "
+             "condition."},
+            {"image": rel(run_dir, lv_png), "caption": "Columns: the context summed over levels 0 ... k "
+             "for k = " + ", ".join(labels) + ". What appears from one column to the next is what "
+             "that rank adds."},
+            {"image": rel(run_dir, sib_png), "caption": f"Siblings under {parent}: " +
+             ", ".join(sib_labels) + f" ({note}). The columns differ only in the last rank's name."},
+            {"pre": json.dumps(settings, indent=1)}], order=REPORT_ORDER)
+    return [lv_png, sib_png]
