@@ -1,4 +1,5 @@
-"""Trait discovery grids: what each rank adds, and what separates sibling taxa (paper Sec. 4.3, Fig. 1).
+"""Trait discovery grids: what each rank adds, and what separates sibling taxa (the paper's trait-
+discovery application: traits emerge level by level, e.g. family -> genus -> species of Chaetodon).
 
 - `trait_grid`: one lineage sampled at every level 0 ... k with the same seeds. Image i of a request
   draws all its noise from a generator seeded from (seed, i) (pipeline.image_generators), so in the
