@@ -91,6 +91,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-per-taxon", type=int, default=None, help="generated images per taxon")
     p.add_argument("--levels", nargs="+", default=None, help="ranks to evaluate (default: every level)")
     p.add_argument("--max-taxa", type=int, default=None, help="at most this many taxa per level (seeded)")
+    p.add_argument("--species", nargs="+", default=None,
+                   help="evaluate these species (binomials or lineages) and their ancestors only")
     p.add_argument("--metrics", default=None,
                    help="comma list of fid,lpips,bioclip,oracle (default: oracle on the synthetic "
                         "world, else fid,lpips,bioclip)")
