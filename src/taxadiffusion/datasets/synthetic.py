@@ -13,20 +13,27 @@ rank adds traits that all its descendants inherit, coarse high up and subtle low
 Siblings always differ in their own rank's trait, so congeneric species differ only in one mark of a few
 pixels, as real congeners differ in details. Inside a species images vary strongly: rotation, scale,
 position, mirror, background colour and gradient, colour jitter. `perturb=True` adds what generated
-samples do and renders never do (DESIGN.md, the oracle): saturated backgrounds, pixel noise, blur.
+samples do and renders never do (DESIGN.md, the oracle): saturated backgrounds, pixel noise, blur and
+stronger colour jitter.
 
 Long tail: species are ranked in a seeded random order and species r of S gets
 round(max_images * (min_images / max_images) ** (r / (S - 1))) images, log-linear from `max_images` to
-`min_images`. Default (80 species, 100 to 1): 7 species with 1 image, 22 with 2-5, 1738 images in all.
+`min_images`. The default world (2 classes, 4 orders, 8 families, 16 genera, 89 species) has 1942 images:
+8 species with 1 image, 25 with 2-5, 25 with 6-20, 31 with 21-100 (median 10); rare and common species
+share genera, so a rare species has well-documented relatives.
 
 Difficulty dial (WorldConfig): species become harder to tell apart with a smaller `mark_size` (the mark's
-radius as a fraction of the image side; 0.055 is about 2 px at 32 px), a lower `mark_contrast`, stronger
-variation (`rotation`, `scale`, `shift`, `colour_jitter`), a smaller `image_size`, and more species per genus
-(the last `branching` entry: more marks to tell apart, max 12). The default is chosen so that genus and
-higher traits are large (whole-body shape, colour, a pattern over the body: easy for a tiny diffusion model
-trained for ~10 minutes, DESIGN.md measured ~0.9 to genus), while a species is a 3-4 px dot whose
-position relative to the body and colour must both be right: clearly visible to the oracle, but only partly
-reproduced by such a model (DESIGN.md measured species traits about half the time at 48 species).
+radius as a fraction of the image side), a lower `mark_contrast`, stronger variation (`rotation`, `scale`,
+`shift`, `colour_jitter`), a smaller `image_size`, and more species per genus (the last `branching` entry:
+more marks to tell apart, at most 12). Default and why: at 32 px a body is about 20 x 12 px and a genus
+pattern covers a third to a half of it (~100 px), family colour and class/order shape cover all of it, while
+a species is one disc of radius 0.055 x 32 = 1.8 px (~10 px, 3-4 px across) whose place on the body (front
+or rear, top or bottom, under 20 degrees of rotation and a mirror) and colour must both be right. The oracle
+sees such marks (>= 98% species accuracy, benchmarks/oracle_table.py); a tiny pixel-space diffusion model
+trained ~10 minutes on this CPU gets the large traits (DESIGN.md measured ~0.9 node accuracy to genus)
+but places and colours a 3-px dot only part of the time (DESIGN.md: species traits about half the time
+at 48 species): room to show progressive training and TaxaGuide helping, and rare species helped by
+relatives. Halve `mark_size` or raise species per genus for a harder world; double it for an easier one.
 
 Images: numpy uint8 (N, H, W, 3). Image i of `render(..., seed=s)` is drawn from its own generator seeded
 (*s, i), so results do not depend on batch size, and a clean and a perturbed render of the same seed show the
@@ -103,7 +110,24 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "WorldConfig":
+        """From `to_dict()` output, or from a whole world.json (its "config", generator version checked)."""
+        if "config" in d:
+            if d.get("generator_version") != GENERATOR_VERSION:
+                raise ValueError(f"world.json was written by synthetic generator version "
+                                 f"{d.get('generator_version')}, this code renders version {GENERATOR_VERSION}: "
+                                 f"its images differ from fresh renders; rewrite it with write_dataset")
+            d = d["config"]
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise KeyError(f"unknown WorldConfig key(s) {', '.join(unknown)}")
         return cls(**{k: tuple(map(tuple, v)) if k == "branching" else v for k, v in d.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WorldConfig":
+        """The config of a dataset folder's world.json (or of the file itself)."""
+        p = Path(path)
+        p = p / "world.json" if p.is_dir() else p
+        return cls.from_dict(json.loads(p.read_text()))
 
     def hash(self) -> str:
         blob = json.dumps({"generator": GENERATOR_VERSION, **self.to_dict()}, sort_keys=True)
@@ -271,9 +295,8 @@ def _draw(rows: np.ndarray, u: np.ndarray, noise: np.ndarray | None, cfg: WorldC
     col = lambda k: u[:, k, None, None]              # noqa: E731  per-image scalar, broadcast on pixels
     c = (np.arange(G, dtype=np.float32) + 0.5) / ss
     X, Y = c[None, None, :], c[None, :, None]
-    body = np.array([BODIES[i] for i in rows[:, 0]], dtype=object)
-    p = np.array([b[1] for b in body], np.float32)[:, None, None]
-    taper = np.array([b[2] for b in body], np.float32)[:, None, None]
+    p = np.array([BODIES[i][1] for i in rows[:, 0]], np.float32)[:, None, None]
+    taper = np.array([BODIES[i][2] for i in rows[:, 0]], np.float32)[:, None, None]
     aspect = np.array([ORDERS[i][0] for i in rows[:, 1]], np.float32)[:, None, None]
     tail = np.array([("fan", "fork", "round").index(ORDERS[i][1]) for i in rows[:, 1]])[:, None, None]
     # pose: rotation, log-uniform scale, shift, mirror
@@ -285,7 +308,8 @@ def _draw(rows: np.ndarray, u: np.ndarray, noise: np.ndarray | None, cfg: WorldC
     a = 0.30 * S * sc                                 # half-length of the body in pixels
     b = a / aspect
     dx, dy = X - cx, Y - cy
-    x = (dx * np.cos(ang) + dy * np.sin(ang)) * mir / a - TAIL / 2 + 0.075   # centre body + tail
+    # body x in [-1, 1], tail in [-0.85 - TAIL, -0.85]: shift so body + tail sit centred on (cx, cy)
+    x = (dx * np.cos(ang) + dy * np.sin(ang)) * mir / a - TAIL / 2 + 0.075
     yr = (dx * np.sin(ang) - dy * np.cos(ang)) / b    # image y points down, body y up
     y = yr / np.maximum(1 + taper * x, 0.1)           # egg: wider at the head
     r = np.empty_like(x)

@@ -1,0 +1,87 @@
+"""Oracle: cached by config hash and not retrained, per-rank scoring, input conventions, torchmetrics FID hook."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from taxadiffusion.datasets.synthetic import WorldConfig
+from taxadiffusion.evaluation.oracle import (OracleConfig, OracleFeatures, cache_root, load_or_train_oracle,
+                                             oracle_frechet)
+
+TINY = WorldConfig(seed=3, branching=((1, 1), (2, 2), (1, 1), (2, 2), (2, 3)), max_images=6)
+FAST = OracleConfig(steps=40, batch_size=64, width=8, chunk=512, eval_images=128)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("oracle-cache")
+
+
+@pytest.fixture(scope="module")
+def oracle(cache):
+    # 40 steps cannot learn the marks: a low species accuracy is said out loud, not hidden
+    with pytest.warns(UserWarning, match="species accuracy on clean renders is .* below the 0.98"):
+        return load_or_train_oracle(TINY, cache_dir=cache, cfg=FAST, progress=False)
+
+
+def test_second_call_loads_from_cache(oracle, cache):
+    assert oracle.trained and oracle.path.parent == cache
+    weights = oracle.path / "oracle.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = load_or_train_oracle(TINY, cache_dir=cache, cfg=FAST, progress=False)
+    assert not again.trained and weights.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in oracle.path.iterdir()) == ["oracle.json", "oracle.safetensors"]
+    x = oracle.world.render(list(range(len(oracle.world.lineages))), seed=5)
+    assert torch.equal(oracle.predict(x), again.predict(x))
+    assert again.info["accuracy_clean"] == oracle.info["accuracy_clean"]
+    assert set(again.info["accuracy_perturbed"]) == {"class", "order", "family", "genus", "species"}
+    assert again.info["train_seconds"] > 0
+
+
+def test_cache_key_follows_the_config(monkeypatch, tmp_path):
+    key = FAST.key(TINY)
+    assert key == OracleConfig(steps=40, batch_size=64, width=8, chunk=512, eval_images=128).key(TINY)
+    assert FAST.key(replace(TINY, seed=4)) != key                  # another world
+    assert FAST.key(replace(TINY, mark_size=0.04)) != key          # another rendering
+    assert replace(FAST, steps=41).key(TINY) != key                # another training recipe
+    monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path / "oracle"
+
+
+def test_score_predict_and_input_conventions(oracle):
+    world = oracle.world
+    ids = list(range(len(world.lineages))) * 2
+    nhwc = world.render(ids, seed=8)
+    nchw = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
+    pred = oracle.predict(nhwc)
+    assert pred.shape == (len(ids), 5) and pred.dtype == torch.long
+    assert torch.equal(pred, oracle.predict(nchw))
+    truth = oracle.lineage_ids(ids)
+    score = oracle.score(nchw, [world.lineages[i] for i in ids])
+    assert score == pytest.approx({r: float((pred[:, l] == truth[:, l]).float().mean())
+                                   for l, r in enumerate(score)})
+    assert oracle.features(nchw).shape == (len(ids), oracle.net.num_features)
+    with pytest.raises(ValueError, match="uint8"):
+        oracle.predict(nchw.float() / 255)
+    with pytest.raises(ValueError, match="32x32"):
+        oracle.predict(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="lineages"):
+        oracle.score(nchw, ids[:3])
+
+
+def test_oracle_features_plug_into_torchmetrics_fid(oracle):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    feat = OracleFeatures(oracle)
+    assert feat.num_features == oracle.net.num_features
+    fid = FrechetInceptionDistance(feature=feat)
+    fid.train()                                                     # must not unfreeze BatchNorm
+    assert not feat.training
+    world = oracle.world
+    ids = list(np.arange(300) % len(world.lineages))
+    real, real2 = world.render(ids, seed=1), world.render(ids, seed=2)
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    same, far = oracle_frechet(oracle, real, real2), oracle_frechet(oracle, real, noise)
+    assert 0 <= same < far / 5
