@@ -1,6 +1,7 @@
 """Oracle: cached by config hash and not retrained, per-rank scoring, input conventions, torchmetrics FID hook."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -22,9 +23,14 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(cache):
-    # 40 steps cannot learn the marks: a low species accuracy is said out loud, not hidden
-    with pytest.warns(UserWarning, match="species accuracy on clean renders is .* below the 0.98"):
-        return load_or_train_oracle(TINY, cache_dir=cache, cfg=FAST, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # two threads spin against other processes on a busy 2-core machine
+    try:
+        # 40 steps cannot learn the marks: a low species accuracy is said out loud, not hidden
+        with pytest.warns(UserWarning, match="species accuracy on clean renders is .* below the 0.98"):
+            yield load_or_train_oracle(TINY, cache_dir=cache, cfg=FAST, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_second_call_loads_from_cache(oracle, cache):
@@ -39,6 +45,14 @@ def test_second_call_loads_from_cache(oracle, cache):
     assert again.info["accuracy_clean"] == oracle.info["accuracy_clean"]
     assert set(again.info["accuracy_perturbed"]) == {"class", "order", "family", "genus", "species"}
     assert again.info["train_seconds"] > 0
+
+
+def test_damaged_cache_is_an_error_not_a_retrain(oracle, tmp_path):
+    copy = tmp_path / oracle.path.name
+    shutil.copytree(oracle.path, copy)
+    (copy / "oracle.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="delete that folder"):
+        load_or_train_oracle(TINY, cache_dir=tmp_path, cfg=FAST, progress=False)
 
 
 def test_cache_key_follows_the_config(monkeypatch, tmp_path):

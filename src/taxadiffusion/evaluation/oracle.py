@@ -234,9 +234,13 @@ def load_or_train_oracle(world_cfg: WorldConfig = WorldConfig(), cache_dir: str 
     sizes = [world.taxonomy.size(l) for l in range(len(RANKS))]
     weights, meta = path / "oracle.safetensors", path / "oracle.json"
     if weights.exists() and meta.exists():
-        info = json.loads(meta.read_text())
         net = OracleNet(sizes, cfg.width)
-        net.load_state_dict(load_file(weights))
+        try:
+            info = json.loads(meta.read_text())
+            net.load_state_dict(load_file(weights))
+        except Exception as e:  # a damaged entry is named, never silently retrained over
+            raise RuntimeError(f"cached oracle in {path} is unreadable ({e}); delete that folder to "
+                               f"train it again") from e
         return Oracle(net.to(memory_format=torch.channels_last), world, info, path, trained=False)
 
     t0, c0 = time.perf_counter(), time.process_time()
