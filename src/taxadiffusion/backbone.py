@@ -162,14 +162,47 @@ def tiny_vae() -> AutoencoderKL:
 
 
 def build_tiny(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:
-    """Random-init parts with the SD classes; deterministic for a given seed."""
+    """Random-init parts with the SD classes; deterministic for a given seed. With
+    `cfg.pretrained_unet`, the UNet is the pretrained tiny base (tinybase.py) and the text encoder is
+    rebuilt from seed 0, as it was for pretraining."""
+    if cfg.pretrained_unet:
+        seed = 0  # the text encoder the base was pretrained with
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         te = tiny_text_encoder(cfg).eval().requires_grad_(False)
         vae = None if cfg.pixel_space else tiny_vae().eval().requires_grad_(False)
         size = resolution if cfg.pixel_space else resolution // 2
         unet = tiny_unet(cfg, size, 3 if cfg.pixel_space else 4)
+    if cfg.pretrained_unet:
+        load_tiny_base(cfg, unet, te)
     return Backbone(unet, te, clip_tokenizer(), vae, noise_scheduler(cfg, cfg.pixel_space), "tiny")
+
+
+def load_tiny_base(cfg: ModelConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+    """Load the pretrained tiny base into `unet`, after checking it was made for this architecture,
+    noise schedule and text encoder (recipe.json beside unet.safetensors)."""
+    from safetensors.torch import load_file
+    from .tinybase import ASSET, TINY_KEYS
+    d = ASSET if cfg.pretrained_unet == "builtin" else Path(cfg.pretrained_unet)
+    weights, recipe = d / "unet.safetensors", d / "recipe.json"
+    for f in (weights, recipe):
+        if not f.exists():
+            raise FileNotFoundError(f"tiny base {f} is missing; make it with `python -m "
+                                    f"taxadiffusion.tinybase --out {d}` (about an hour on 2 CPU cores)")
+    r = json.loads(recipe.read_text())
+    diff = {k: (r["model"].get(k), getattr(cfg, k)) for k in TINY_KEYS
+            if r["model"].get(k) != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"{recipe}: the base was pretrained with other model settings "
+                         f"{ {k: v[0] for k, v in diff.items()} }, this config has "
+                         f"{ {k: v[1] for k, v in diff.items()} }")
+    fp = module_fingerprint(text_encoder)
+    if fp != r["text_encoder_fingerprint"]:
+        raise ValueError(f"{recipe}: the tiny text encoder rebuilt from seed 0 has fingerprint {fp}, "
+                         f"the base was pretrained with {r['text_encoder_fingerprint']} (another torch "
+                         f"version initialises differently?); pretrain the base again with "
+                         f"`python -m taxadiffusion.tinybase --out {d}`")
+    unet.load_state_dict(load_file(weights))
 
 
 def build_sd15_random(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:

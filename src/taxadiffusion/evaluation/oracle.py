@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -163,8 +162,8 @@ def oracle_frechet(oracle: Oracle, real, fake, batch_size: int = 500) -> float:
 
 # -- training and the cache ----------------------------------------------------------------------------
 def cache_root() -> Path:
-    env = os.environ.get("TAXADIFFUSION_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "taxadiffusion") / "oracle"
+    from ..backbone import cache_root as root
+    return root() / "oracle"
 
 
 def _renders(world: World, n: int, seed: tuple[int, ...], perturbed: float) -> tuple[np.ndarray, np.ndarray]:

@@ -204,12 +204,20 @@ def _md_per_species(res: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _md_oracle(res: Mapping[str, Any]) -> list[str]:
+    rows = [{"conditioned on": rank, "taxa": e["n_taxa"], "images": e["n_images"],
+             **{f"{r} acc": v for r, v in e["accuracy"].items()}, "oracle Frechet": e["frechet"]}
+            for rank, e in res["levels"].items()]
+    return _md_table(rows) + ["", "Per-species accuracy: metrics.json."]
+
+
 # kind -> Markdown renderer (a plain dict, house style)
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "fid_by_level": _md_fid,
     "lpips_fidelity": _md_per_species,
     "lpips_diversity": _md_per_species,
     "bioclip": _md_per_species,
+    "oracle": _md_oracle,
     "table": lambda res: _md_table(res["rows"]),
 }
 
