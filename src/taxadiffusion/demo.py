@@ -36,13 +36,13 @@ def _finished(run: Path, last_stage: str) -> bool:
     return (run / "checkpoints" / last_stage / "final" / "state.json").exists()
 
 
-def _select_species(tax, seed: int = 0):
+def _select_species(tax, seed: int = 0, n_few: int = N_FEW_SHOT, n_common: int = N_COMMON):
     """Few-shot species first (fewest images), then a seeded choice of common (> 20 images) ones."""
     import random
     sp = [t for t in tax.species if tax.count(t) > 0]
-    few = sorted((t for t in sp if tax.count(t) <= 5), key=lambda t: (tax.count(t), t.path))[:N_FEW_SHOT]
+    few = sorted((t for t in sp if tax.count(t) <= 5), key=lambda t: (tax.count(t), t.path))[:n_few]
     common = [t for t in sp if tax.count(t) > 20]
-    common = sorted(random.Random(seed).sample(common, min(N_COMMON, len(common))))
+    common = sorted(random.Random(seed).sample(common, min(n_common, len(common))))
     return few, common
 
 

@@ -1,0 +1,43 @@
+"""The pretrained tiny base: trait captions, pretraining output, and the checks when loading it."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taxadiffusion.backbone import build_tiny
+from taxadiffusion.config import ModelConfig
+from taxadiffusion.tinybase import caption, pretrain, random_rows
+
+SMALL = ModelConfig(base="tiny", block_out_channels=[16, 32], cross_attn_levels=[False, True],
+                    text_width=32, beta_schedule="squaredcos_cap_v2")
+
+
+def test_caption_names_every_rank_trait_in_words():
+    row = np.array([3, 8, 0, 1, 11])  # egg body, long + round tail, pattern 1 (bands dark), mark 11
+    text = caption(row, hue0=0.0)
+    assert text.startswith("egg fish, long body, round tail, red, ")
+    assert "dark bands" in text and text.endswith("contrast dot rear bottom")
+    assert caption(np.array([0, 0, 0, 0, 0]), 0.0).split(", ")[4] == "plain"
+    rows = random_rows(np.random.default_rng(0), 500)
+    assert rows.shape == (500, 5) and len({caption(r, 0.3) for r in rows}) > 400  # varied
+
+
+def test_pretrained_base_loads_and_is_checked(tmp_path):
+    out = pretrain(SMALL, steps=3, out=tmp_path / "base", batch_size=4)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["steps"] == 3 and recipe["model"]["block_out_channels"] == [16, 32]
+    cfg = dataclasses.replace(SMALL, pretrained_unet=str(out))
+    bb = build_tiny(cfg, 32, seed=99)  # the seed is overridden: the base fixes the text encoder
+    saved = load_file(out / "unet.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in bb.unet.state_dict().items())
+    with pytest.raises(ValueError, match="text_width"):
+        build_tiny(dataclasses.replace(cfg, text_width=64), 32)
+    recipe["text_encoder_fingerprint"] = "0" * 16
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(ValueError, match="fingerprint"):
+        build_tiny(cfg, 32)
+    with pytest.raises(FileNotFoundError, match="taxadiffusion.tinybase"):
+        build_tiny(dataclasses.replace(SMALL, pretrained_unet=str(tmp_path / "nothing")), 32)
