@@ -22,7 +22,7 @@ from .report import add_section, build_report, loss_curves, rel
 
 # The evaluated species: every few-shot one (<= 5 training images) up to this many, and as many
 # common ones; N_PER_SPECIES images each (DESIGN.md: at least 16 per few-shot species).
-N_FEW_SHOT, N_COMMON, N_PER_SPECIES = 12, 12, 16
+N_FEW_SHOT, N_COMMON, N_PER_SPECIES = 8, 8, 16
 # Minutes one training run of configs/demo.yaml takes on our 2-core machine (measured); --minutes M
 # scales every stage's steps by M / PRESET_MINUTES.
 PRESET_MINUTES = 5.0
