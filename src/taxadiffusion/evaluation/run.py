@@ -8,8 +8,8 @@
 2. For every evaluated level, every taxon of that level with real images (or a seeded subset of
    --max-taxa) gets n images, seeded per taxon, saved as PNGs under OUT/samples/ and reused when the
    same settings are asked for again (OUT/settings.json must match, or it is an error).
-3. Metrics, each through its library (evaluation/fid.py, lpips.py, bioclip.py, oracle.py) with its
-   provenance; tables: per level, per class (paper Table S2 layout), few-shot buckets.
+3. Metrics, each through its library (evaluation/fid.py, lpips.py, bioclip.py, oracle.py, judge.py)
+   with its provenance; tables: per level, per class (paper Table S2 layout), few-shot buckets.
 4. OUT/metrics.json and OUT/metrics.md (tables.write_metrics), and a report section in the run.
 """
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import from_dict
+from ..datasets.table import Table
 from ..imaging import save_pngs
 from ..taxonomy import NONE_NAME, Taxon, Taxonomy
 from .tables import few_shot_table, table_s2, taxon_seed, write_metrics
 
-METRICS = ("fid", "lpips", "bioclip", "oracle")
+METRICS = ("fid", "lpips", "bioclip", "oracle", "judge")
 
 
 def _run_config(run: Path):
@@ -41,8 +42,9 @@ def _run_config(run: Path):
 
 def real_images(taxonomy: Taxonomy, fmt: str, metadata, root, resolution: int, missing: str,
                 max_per_species: int, seed: int = 0, preprocess: str | None = None
-                ) -> tuple[dict[Taxon, torch.Tensor], dict[Taxon, list[str]], dict]:
-    """({species: uint8 (N, 3, R, R)}, {species: image paths}, counts), evaluation preprocessing.
+                ) -> tuple[dict[Taxon, torch.Tensor], dict[Taxon, list[str]], dict, Table]:
+    """({species: uint8 (N, 3, R, R)}, {species: image paths}, counts, the table read), evaluation
+    preprocessing. The table is returned for the judge, which trains on all of its records.
 
     At most `max_per_species` images per species (a seeded draw): FID balancing takes
     min(n_generated, n_real) per taxon anyway, and it bounds memory on large datasets."""
@@ -79,7 +81,7 @@ def real_images(taxonomy: Taxonomy, fmt: str, metadata, root, resolution: int, m
         by[t].append(uint8_from_unit(to_tensor(fn(img, r.box, resolution, None))))
         paths[t].append(r.path)
         counts["used"] += 1
-    return {t: torch.stack(v) for t, v in by.items()}, dict(paths), counts
+    return {t: torch.stack(v) for t, v in by.items()}, dict(paths), counts, table
 
 
 def _taxa_for_level(taxonomy: Taxonomy, level: int, real: dict, max_taxa: int | None, seed: int,
@@ -199,9 +201,9 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
     sfile.write_text(json.dumps(settings, indent=1))
 
     # -- real images, taxa, generated images --------------------------------------------------------
-    real_by, real_paths, counts = real_images(tax, fmt, metadata, root, resolution,
-                                              data.missing_ranks if data else "fill",
-                                              max_per_species=max(n, 50), seed=seed)
+    real_by, real_paths, counts, real_table = real_images(tax, fmt, metadata, root, resolution,
+                                                          data.missing_ranks if data else "fill",
+                                                          max_per_species=max(n, 50), seed=seed)
     if not real_by:
         raise ValueError(f"no real image of {fmt} {metadata} matches the model's taxonomy ({counts})")
     lvls = [tax.level_of(l) if not str(l).isdigit() else int(l) for l in (levels or tax.ranks)]
@@ -223,6 +225,10 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
                              f"the data in {root})")
         oracle = load_or_train_oracle(wc)
         results["oracle"] = oracle_result(oracle, gen, real_by, tax, settings)
+    if "judge" in metrics:   # trained on the real table's photos (cached): see evaluation/judge.py
+        from .judge import judge_result, load_or_train_judge
+        judge = load_or_train_judge(real_table, tax, resolution)
+        results["judge"] = judge_result(judge, gen, real_by, tax, settings, seed=seed)
     if "fid" in metrics:
         from ..backbone import cache_root
         from .fid import fid_by_level, load_inception, reference_features
@@ -258,6 +264,8 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
         cols["LPIPS"] = (results["lpips_fidelity"], "lpips")
     if "oracle" in results and results["oracle"]["per_species"]:
         cols["oracle species acc"] = (results["oracle"], "species_acc")
+    if "judge" in results and results["judge"]["per_species"]:
+        cols["judge species acc"] = (results["judge"], "species_acc")
     if cols and species_gen:
         results["few_shot"] = few_shot_table(cols, tax)
     group_rank = next((r for l, r in enumerate(tax.ranks) if tax.size(l) > 1), tax.ranks[0])

@@ -211,6 +211,25 @@ def _md_oracle(res: Mapping[str, Any]) -> list[str]:
     return _md_table(rows) + ["", "Per-species accuracy: metrics.json."]
 
 
+def _md_judge(res: Mapping[str, Any]) -> list[str]:
+    """Generated-image accuracy per rank and FID/KID in the judge's features, under the judge's own
+    held-out accuracy on real photos: the ceiling those accuracies are read against."""
+    c = res["ceiling"]
+    split = c["split"]
+    out = [f"Judge ceiling (held-out real photos: {split['held_out_images']} images of "
+           f"{split.get('held_out_species', '?')} species; {split['species_single_image']} single-image "
+           f"species train only):", ""]
+    out += _md_table([{"": name, **{f"{r} acc": v for r, v in (c[key] or {}).items()}}
+                      for name, key in (("held-out accuracy", "held_out_accuracy"),
+                                        ("majority-label baseline", "held_out_majority_baseline"),
+                                        ("training images", "train_accuracy"))])
+    rows = [{"conditioned on": rank, "taxa": e["n_taxa"], "images": e["n_images"],
+             **{f"{r} acc": v for r, v in e["accuracy"].items()}, "judge FID": e["fid"],
+             "FID small n": e["fid_small_n"], "judge KID": e["kid_mean"], "KID std": e["kid_std"]}
+            for rank, e in res["levels"].items()]
+    return out + ["", "Generated images:", ""] + _md_table(rows) + ["", "Per-species accuracy: metrics.json."]
+
+
 # kind -> Markdown renderer (a plain dict, house style)
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "fid_by_level": _md_fid,
@@ -218,6 +237,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "lpips_diversity": _md_per_species,
     "bioclip": _md_per_species,
     "oracle": _md_oracle,
+    "judge": _md_judge,
     "table": lambda res: _md_table(res["rows"]),
 }
 
