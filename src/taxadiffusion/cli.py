@@ -94,8 +94,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--species", nargs="+", default=None,
                    help="evaluate these species (binomials or lineages) and their ancestors only")
     p.add_argument("--metrics", default=None,
-                   help="comma list of fid,lpips,bioclip,oracle (default: oracle on the synthetic "
-                        "world, else fid,lpips,bioclip)")
+                   help="comma list of fid,lpips,bioclip,oracle,judge (default: oracle on the "
+                        "synthetic world, else fid,lpips,bioclip); judge: a CNN trained on the real "
+                        "photos, for machines without the metric weights (evaluation/judge.py)")
     p.add_argument("--guidance", default=None, choices=["taxa", "cfg", "none"])
     p.add_argument("--scale", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
