@@ -153,6 +153,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(inner, v, key) for v in value]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-2` (no dot) as a string; float() reads it as everyone means it
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):
