@@ -51,7 +51,8 @@ def median_time(fn, n: int, warmup: int = 2) -> float:
 def ours(cfg, stage: int, steps: int, out: Path) -> float:
     """Median step time of our loop: run stage `stage` (after a 1-step stage 0 when stage > 0)."""
     ov = [f"train.output_dir={out}", f"name=ours-s{stage}", "train.checkpoint_every=0",
-          "train.validate_every=0", f"train.log_every={steps}", f"train.steps_stage0={steps if stage == 0 else 1}",
+          "train.validate_every=0", "train.validation_seeds=0", "train.fixed_batch=0",
+          f"train.log_every={steps}", f"train.steps_stage0={steps if stage == 0 else 1}",
           f"train.steps_per_stage={steps}", f"train.stages={'0' if stage == 0 else f'0,{stage}'}"]
     from taxadiffusion.config import apply_overrides, from_dict
     c = from_dict(apply_overrides(cfg.to_dict(), ov))
@@ -132,7 +133,7 @@ def reference_and_floor(cfg, stage: int, steps: int) -> tuple[float, float]:
 def run_config(name: str, cfg, stages: list[int], steps: int, out: Path) -> list[dict]:
     rows = []
     for st in stages:
-        o = ours(cfg, st, steps, out)
+        o = ours(cfg, st, steps, out / ("sd15" if "sd15" in name else "tiny"))
         ref, fl = reference_and_floor(cfg, st, max(3, steps // 3) if "sd15" in name else steps)
         B = cfg.train.batch_size
         rows.append({"config": name, "stage": st, "batch": B, "ours_step_s": o, "reference_step_s": ref,
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sd-steps", type=int, default=4)
     ap.add_argument("--skip-sd", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true", help="keep the tiny rows already in --out")
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -156,9 +158,12 @@ def main() -> None:
     data = a.data
     if data is None:
         from taxadiffusion.datasets.synthetic import write_dataset
-        data = str(write_dataset(tmp / "world"))
+        data = str(write_dataset(tmp / "world").parent)
     tiny = load_config("tiny-cpu", [f"data.root={data}"])
-    rows = run_config("tiny-cpu (1.7M UNet, 32 px, batch 32)", tiny, [0, 1], a.steps, tmp / "runs")
+    if a.skip_tiny:
+        rows = [r for r in json.loads(Path(a.out).read_text())["rows"] if "sd15" not in r["config"]]
+    else:
+        rows = run_config("tiny-cpu (1.7M UNet, 32 px, batch 32)", tiny, [0, 1], a.steps, tmp / "runs")
     if not a.skip_sd:
         sd = load_config("tiny-cpu", [f"data.root={data}", "model.base=sd15-random",
                                       "model.level_heads=8", "model.level_ff=2048",

@@ -89,7 +89,8 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 2           # step checkpoints kept per stage (stage ends always kept)
     validate_every: int = 5000
-    validation_seeds: int = 4           # images per row of the validation grid
+    validation_seeds: int = 4           # images per row of the validation grid (0: no grids)
+    fixed_batch: int = 64               # held-out-noise batch whose loss is logged per stage (0: off)
     log_every: int = 50
     output_dir: str = "runs"
 
@@ -163,6 +164,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp in (str, bool) and isinstance(value, tp):
         return value
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `train.stages=0` or `name=2024`: YAML read a number, the field is text
     raise TypeError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

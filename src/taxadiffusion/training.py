@@ -158,7 +158,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         accum = tc.gradient_accumulation_steps
         sampler = StreamSampler(len(has), tc.batch_size, rank, world, seed=tc.seed + stage.index,
                                 start=step * accum)
-        fixed = _fixed_batch(has, inputs, dataset, ids_all, bb, tc.seed)
+        fixed = _fixed_batch(has, inputs, dataset, ids_all, bb, tc.seed, tc.fixed_batch) \
+            if tc.fixed_batch > 0 else None
         batches = _batches(sampler, has, inputs, dataset, ids_all, cfg.data.num_workers)
         stage_dir = run / "checkpoints" / stage.name
 
@@ -176,11 +177,14 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 _prune(stage_dir, tc.keep_checkpoints)
             acc.wait_for_everyone()
 
-        def fixed_loss() -> float:
+        def fixed_loss() -> None:
+            if fixed is None:
+                return
             with _ema_weights(ema, params):
-                return _eval_loss(fixed, unet, conditioner, tables, null, bb, stage, device, weight_dtype)
+                loss = _eval_loss(fixed, unet, conditioner, tables, null, bb, stage, device, weight_dtype)
+            log.fixed(stage.name, step, loss)
 
-        log.fixed(stage.name, step, fixed_loss())
+        fixed_loss()
         bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not main, dynamic_ncols=True)
         window, durations, seen = [], [], 0
         while step < stage.steps:
@@ -225,18 +229,18 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < stage.steps:
                 ckpt(f"step-{step}")
             if tc.validate_every and step % tc.validate_every == 0 and step < stage.steps:
-                log.fixed(stage.name, step, fixed_loss())
-                if main:
+                fixed_loss()
+                if main and tc.validation_seeds > 0:
                     with _ema_weights(ema, params):
                         _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log)
         bar.close()
         # -- stage end: EMA weights become the stage's result; the next stage builds on them ------------
         if ema is not None:
             ema.copy_to(params)
-        log.fixed(stage.name, step, fixed_loss())
+        fixed_loss()
         _rank_record(run, stage, rank, params, sampler)
         ckpt("final", complete=True)
-        if main:
+        if main and tc.validation_seeds > 0:
             _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log)
         acc.free_memory()
     acc.end_training()
