@@ -76,7 +76,7 @@ def read_order_table(path: str | os.PathLike) -> dict[str, str]:
 
 def find_order_table(csv_path: str | os.PathLike) -> Path | None:
     """The family-to-order table beside the CSV or one folder up, if exactly one is there."""
-    here = Path(csv_path).resolve().parent
+    here = Path(os.path.abspath(csv_path)).parent  # abspath: keep the user's (symlinked) path
     for d in (here, here.parent):
         hits = sorted(p for p in d.glob(ORDER_TABLE_GLOB) if p.is_file())
         if len(hits) > 1:
