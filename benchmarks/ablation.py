@@ -123,10 +123,11 @@ def main() -> None:
                 for s in a.scales:
                     add("scale", f"s = {s:g}", run, "taxa", s)
     summary = {grp: {k: summarise(v, counts) for k, v in rows.items()} for grp, rows in raw.items()}
+    chance = ", ".join(f"{r} {1 / len(tax.vocab(l)):.3f}" for l, r in enumerate(RANKS))
     md = ["# Ablations on the synthetic world", "",
           f"{len(few)} few-shot and {len(common)} common species, {a.n} samples each, training seeds "
-          f"{a.seeds}; oracle accuracy per rank on species-conditioned samples (chance: class 0.5, "
-          f"species ~0.2). Budget per run: configs/demo.yaml x {a.steps_scale}. Wall time "
+          f"{a.seeds}; oracle accuracy per rank on species-conditioned samples (chance, 1 / taxa of the "
+          f"rank: {chance}). Budget per run: configs/demo.yaml x {a.steps_scale}. Wall time "
           f"{(time.time() - t0) / 60:.0f} min.", ""]
     md += md_table(f"Training strategy (paper Table 4, top), scale {scale:g}", summary["strategy"])
     md += md_table(f"Guidance on the progressive model (paper Table 4, bottom), scale {scale:g}",

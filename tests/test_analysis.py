@@ -83,13 +83,13 @@ def test_trait_grid_levels_by_seeds(pipe):
 
 def test_sibling_grid_columns_are_the_species_of_the_genus(pipe):
     images, labels, total = sibling_grid(pipe, "Corvus frugilegus", 3, 5, **KW)
-    assert labels == ["species: Corvus corax", "species: Corvus frugilegus"] and total == 2
+    assert labels == ["C. corax", "C. frugilegus"] and total == 2  # short: they fit a grid cell
     assert images.shape == (2, 3, 3, 16, 16)
     assert not torch.equal(images[0], images[1])
     levels, _ = trait_grid(pipe, "Corvus corax", 3, 5, **KW)
     assert torch.equal(images[0], levels[3])  # the same seeds as the trait grid
     capped, clabels, ctotal = sibling_grid(pipe, "Corvus frugilegus", 1, 5, max_siblings=1, **KW)
-    assert clabels == ["species: Corvus frugilegus"] and ctotal == 2 and capped.shape[0] == 1
+    assert clabels == ["C. frugilegus"] and ctotal == 2 and capped.shape[0] == 1
     assert [p[-1] for p in siblings(pipe, "Corvus")] == ["Corvus", "Pica"]
     assert [p[-1] for p in siblings(pipe, "Aves")] == ["Aves"]
     with pytest.raises(ValueError):

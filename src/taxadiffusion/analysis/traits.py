@@ -104,7 +104,7 @@ def sibling_grid(pipe, taxon: str, n: int = 4, seed: int = 0, max_siblings: int 
     kw = {"progress": False, **sample_kw, "output_type": "uint8"}
     images = torch.stack([pipe(" > ".join(p), num_images=n, seed=seed, **kw).images for p in paths])
     ranks = pipe.taxonomy.ranks
-    return images, [level_label(ranks, p) for p in paths], total
+    return images, [short_label(ranks, p) for p in paths], total
 
 
 def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
