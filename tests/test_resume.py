@@ -88,3 +88,23 @@ def test_sigkill_then_resume_latest_matches_uninterrupted(ref_run):
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
     log = (run / "log.txt").read_text()
     assert "resuming from" in log and "step 5" in log
+
+
+def test_per_stage_extras_switch_off(tmp_path, monkeypatch):
+    """train.fixed_batch=0 and train.validation_seeds=0 (benchmarks): no fixed-batch loss, no grids;
+    the defaults log both for every stage."""
+    import json
+    from taxadiffusion.config import load_config
+    from taxadiffusion.training import train
+    monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
+    data = write_images(tmp_path / "data")
+    short = ["train.steps_stage0=2", "train.steps_per_stage=1", "train.checkpoint_every=0"]
+    on = train(load_config("tiny-cpu", tiny_overrides(data, tmp_path / "runs", "with") + short
+                           + ["train.fixed_batch=8"]))
+    off = train(load_config("tiny-cpu", tiny_overrides(data, tmp_path / "runs", "without") + short
+                            + ["train.fixed_batch=0", "train.validation_seeds=0"]))
+    fixed = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                         if "fixed_loss" in r]
+    assert len(fixed(on)) == 2 * 4 and len(list(on.glob("samples/*/*.png"))) == 4  # start + end, 4 stages
+    assert fixed(off) == [] and not list(off.glob("samples/*/*.png"))
+    assert {p.name for p in off.glob("checkpoints/*")} == {p.name for p in on.glob("checkpoints/*")}
