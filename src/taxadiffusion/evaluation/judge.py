@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -40,7 +38,7 @@ from torch.nn import functional as F
 
 from ..datasets.table import Record, Table
 from ..taxonomy import Taxon, Taxonomy
-from .oracle import OracleFeatures, OracleNet, as_input
+from .oracle import OracleFeatures, OracleNet, as_input, load_cached_net, store_cached_net
 from .tables import taxon_seed
 
 JUDGE_VERSION = 1   # part of the cache key: bump when the network, split or training recipe changes
@@ -266,20 +264,12 @@ def load_or_train_judge(table: Table, taxonomy: Taxonomy, resolution: int, cfg: 
                         cache_dir: str | Path | None = None, progress: bool = True) -> Judge:
     """The judge of (`table`, `taxonomy`, `resolution`): loaded from `<cache_dir or cache_root()>/<key>/`,
     else trained on the split's training images and stored with its held-out accuracy per rank."""
-    from safetensors.torch import load_file, save_file
     key = judge_key(table, taxonomy, resolution, cfg)
     path = (Path(cache_dir) if cache_dir is not None else cache_root()) / key
     sizes = [taxonomy.size(l) for l in range(taxonomy.num_levels)]
-    weights, meta = path / "judge.safetensors", path / "judge.json"
-    if weights.exists() and meta.exists():
-        net = OracleNet(sizes, cfg.width)
-        try:
-            info = json.loads(meta.read_text())
-            net.load_state_dict(load_file(weights))
-        except Exception as e:  # a damaged entry is named, never silently retrained over
-            raise RuntimeError(f"cached judge in {path} is unreadable ({e}); delete that folder to "
-                               f"train it again") from e
-        return Judge(net.to(memory_format=torch.channels_last), taxonomy, info, path, trained=False)
+    cached = load_cached_net(path, "judge", sizes, cfg.width)
+    if cached is not None:
+        return Judge(cached[0], taxonomy, cached[1], path, trained=False)
 
     split = split_records(table, taxonomy, cfg.holdout, cfg.seed)
     x_tr, s_tr, bad_tr = load_split_images(split.train, table.preprocess, resolution, progress)
@@ -301,14 +291,7 @@ def load_or_train_judge(table: Table, taxonomy: Taxonomy, resolution: int, cfg: 
     info["train_accuracy"] = judge.accuracy(x_tr, s_tr)
     info["held_out_accuracy"] = judge.accuracy(x_ho, s_ho) if len(s_ho) else None
     info["held_out_majority_baseline"] = _majority(y_tr, y_ho, taxonomy.ranks) if len(s_ho) else None
-    # write beside, then move into place: a killed run never leaves a half-written cache entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}-"))
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "judge.safetensors")
-    (tmp / "judge.json").write_text(json.dumps(info, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    store_cached_net(path, "judge", net, info)
     return judge
 
 

@@ -225,22 +225,14 @@ def load_or_train_oracle(world_cfg: WorldConfig = WorldConfig(), cache_dir: str 
     Training stores held-out accuracies (clean and perturbed renders) and the training time in
     `oracle.json`; a species accuracy below 98% on clean renders is warned about, not hidden.
     """
-    from safetensors.torch import load_file, save_file
     world = make_world(world_cfg)
     key = cfg.key(world_cfg)
     path = Path(cache_dir) if cache_dir is not None else cache_root()
     path = path / key
     sizes = [world.taxonomy.size(l) for l in range(len(RANKS))]
-    weights, meta = path / "oracle.safetensors", path / "oracle.json"
-    if weights.exists() and meta.exists():
-        net = OracleNet(sizes, cfg.width)
-        try:
-            info = json.loads(meta.read_text())
-            net.load_state_dict(load_file(weights))
-        except Exception as e:  # a damaged entry is named, never silently retrained over
-            raise RuntimeError(f"cached oracle in {path} is unreadable ({e}); delete that folder to "
-                               f"train it again") from e
-        return Oracle(net.to(memory_format=torch.channels_last), world, info, path, trained=False)
+    cached = load_cached_net(path, "oracle", sizes, cfg.width)
+    if cached is not None:
+        return Oracle(cached[0], world, cached[1], path, trained=False)
 
     t0, c0 = time.perf_counter(), time.process_time()
     net = train_oracle(world, cfg, progress)
@@ -256,12 +248,35 @@ def load_or_train_oracle(world_cfg: WorldConfig = WorldConfig(), cache_dir: str 
         warnings.warn(f"oracle species accuracy on clean renders is {info['accuracy_clean']['species']:.3f}, "
                       f"below the {TARGET_SPECIES_ACCURACY} target: its verdicts on species are unreliable "
                       f"(train longer: OracleConfig.steps)")
-    # write beside, then move into place: a killed run never leaves a half-written cache entry
+    store_cached_net(path, "oracle", net, info)
+    return oracle
+
+
+def load_cached_net(path: Path, name: str, sizes: Sequence[int], width: int) -> tuple[OracleNet, dict] | None:
+    """`path/<name>.safetensors` + `<name>.json` as (net, info), or None when not cached (the oracle's
+    and the judge's cache entries)."""
+    from safetensors.torch import load_file
+    weights, meta = path / f"{name}.safetensors", path / f"{name}.json"
+    if not (weights.exists() and meta.exists()):
+        return None
+    net = OracleNet(sizes, width)
+    try:
+        info = json.loads(meta.read_text())
+        net.load_state_dict(load_file(weights))
+    except Exception as e:  # a damaged entry is named, never silently retrained over
+        raise RuntimeError(f"cached {name} in {path} is unreadable ({e}); delete that folder to "
+                           f"train it again") from e
+    return net.to(memory_format=torch.channels_last), info
+
+
+def store_cached_net(path: Path, name: str, net: nn.Module, info: dict) -> None:
+    """Write a cache entry beside `path`, then move it into place: a killed run never leaves a
+    half-written entry."""
+    from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}-"))
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / "oracle.safetensors")
-    (tmp / "oracle.json").write_text(json.dumps(info, indent=1))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp / f"{name}.safetensors")
+    (tmp / f"{name}.json").write_text(json.dumps(info, indent=1))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
-    return oracle
