@@ -41,3 +41,18 @@ def test_pretrained_base_loads_and_is_checked(tmp_path):
         build_tiny(cfg, 32)
     with pytest.raises(FileNotFoundError, match="taxadiffusion.tinybase"):
         build_tiny(dataclasses.replace(SMALL, pretrained_unet=str(tmp_path / "nothing")), 32)
+
+
+def test_continued_pretraining_starts_from_the_parent_and_records_it(tmp_path):
+    parent = pretrain(SMALL, steps=2, out=tmp_path / "parent", batch_size=4)
+    # lr 0: the continued run must hold exactly the parent's weights (it did start from them)
+    same = pretrain(SMALL, steps=2, out=tmp_path / "same", batch_size=4, lr=0.0, init=parent)
+    a, b = load_file(parent / "unet.safetensors"), load_file(same / "unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    child = pretrain(SMALL, steps=2, out=tmp_path / "child", batch_size=4, seed=7, snr_gamma=5.0,
+                     init=parent)
+    recipe = json.loads((child / "recipe.json").read_text())
+    assert recipe["init"]["steps"] == 2 and recipe["init"]["init"] is None  # the chain is on record
+    assert recipe["snr_gamma"] == 5.0 and recipe["seed"] == 7
+    c = load_file(child / "unet.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # it trained

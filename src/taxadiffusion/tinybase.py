@@ -9,7 +9,13 @@ orange, dark bands, a white dot front top"), drawn from random trait combination
 synthetic renderer, through the same frozen tiny CLIP text encoder. Taxon names never appear in
 pretraining; learning which name means which traits is left to the method, as in the paper.
 
-    python -m taxadiffusion.tinybase --steps 3000 --out src/taxadiffusion/assets/tiny-base
+    python -m taxadiffusion.tinybase --steps 3500 --out src/taxadiffusion/assets/tiny-base  # 62 min
+
+A base can be trained further (`--init`, the chain is kept in recipe.json); how well a base reads its
+captions is measured by benchmarks/base_text_following.py, e.g. for 2,400 more min-SNR steps (37 min):
+
+    python -m taxadiffusion.tinybase --init src/taxadiffusion/assets/tiny-base --steps 2400 \
+        --seed 1235 --ema-decay 0.999 --snr-gamma 5 --out runs/tiny-base-2
 
 The result ships with the package (assets/tiny-base: UNet safetensors + JSON recipe, ~7 MB) and is
 loaded by `model.pretrained_unet: builtin` (backbone.load_tiny_base). The tiny text encoder is not
@@ -57,23 +63,36 @@ def random_rows(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32, lr: float = 1e-3,
-             seed: int = 1234, p_uncond: float = 0.1, ema_decay: float = 0.9995) -> Path:
-    """Text-to-image pretraining of the tiny UNet on trait captions; writes out/ (safetensors + JSON)."""
+             seed: int = 1234, p_uncond: float = 0.1, ema_decay: float = 0.9995,
+             snr_gamma: float | None = None, init: Path | None = None) -> Path:
+    """Text-to-image pretraining of the tiny UNet on trait captions; writes out/ (safetensors + JSON).
+
+    `init`: continue from an earlier base (its folder); its recipe is kept under "init" in the new one,
+    so the chain of runs that made a base is on record. `snr_gamma`: min-SNR loss weighting (Hang et
+    al. 2023, diffusers' --snr_gamma), which moves weight from nearly clean steps, where the caption
+    hardly matters, to the noisy ones where colour and body plan are decided.
+    """
     import dataclasses
-    from diffusers.training_utils import EMAModel
-    from safetensors.torch import save_file
-    model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None)  # from random init, of course
+    from diffusers.training_utils import EMAModel, compute_snr
+    from safetensors.torch import load_file, save_file
+    model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None)  # random init unless `init`
     torch.manual_seed(seed)
-    wc = WorldConfig(seed=seed)  # another world than the demo's (seed 0): other trait combinations
+    wc = WorldConfig(seed=1234)  # another world than the demo's (seed 0): other trait combinations
     bb = build_tiny(model_cfg, wc.image_size, seed=0)
-    unet, sched = bb.unet.train(), bb.noise_scheduler
+    unet, sched = bb.unet, bb.noise_scheduler
+    parent = None
+    if init is not None:
+        parent = json.loads((Path(init) / "recipe.json").read_text())
+        unet.load_state_dict(load_file(Path(init) / "unet.safetensors"))
+    unet.train()
     cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder))
     null = cache.encode([""])[0]
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    hue0 = float(rng.random())
+    rng.random()  # a discarded draw: keeps seed 1234's data order that of the first shipped base
+    hue0 = float(np.random.default_rng(wc.seed).random())  # the world's hue words, whatever `seed`
     bar, losses, t0 = tqdm(range(steps), desc="pretraining tiny base"), [], time.time()
     for step in bar:
         rows = random_rows(rng, batch_size)
@@ -85,7 +104,12 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
         ctx[drop] = null
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, ctx).sample, noise)
+        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, ctx).sample, noise, reduction="none")
+        loss = loss.mean(dim=(1, 2, 3))
+        if snr_gamma:  # epsilon-prediction weight min(SNR, gamma) / SNR, as diffusers' train scripts
+            snr = compute_snr(sched, t)
+            loss = loss * torch.clamp(snr, max=snr_gamma) / snr
+        loss = loss.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -102,11 +126,12 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, out / "unet.safetensors")
     recipe = {"model": {k: getattr(model_cfg, k) for k in TINY_KEYS}, "steps": steps,
               "batch_size": batch_size, "lr": lr, "seed": seed, "p_uncond": p_uncond,
-              "ema_decay": ema_decay, "world_seed": wc.seed,
+              "ema_decay": ema_decay, "world_seed": wc.seed, "snr_gamma": snr_gamma,
               "text_encoder_fingerprint": module_fingerprint(bb.text_encoder),
               "final_loss_mean_last_200": float(np.mean(losses[-200:])),
               "minutes": round((time.time() - t0) / 60, 1), "torch": torch.__version__,
-              "caption_example": caption(random_rows(np.random.default_rng(0), 1)[0], hue0)}
+              "caption_example": caption(random_rows(np.random.default_rng(0), 1)[0], hue0),
+              "init": parent}
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
     return out
 
@@ -122,8 +147,14 @@ def main() -> None:
     ap.add_argument("--config", default="demo", help="preset whose model section defines the UNet")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--out", default=str(ASSET))
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=1234, help="data order and noise (the world is fixed)")
+    ap.add_argument("--ema-decay", type=float, default=0.9995)
+    ap.add_argument("--snr-gamma", type=float, default=None, help="min-SNR weighting, e.g. 5")
+    ap.add_argument("--init", default=None, help="continue from this base folder (e.g. the shipped one)")
     a = ap.parse_args()
-    print(pretrain(load_config(a.config).model, a.steps, Path(a.out)))
+    print(pretrain(load_config(a.config).model, a.steps, Path(a.out), lr=a.lr, seed=a.seed,
+                   ema_decay=a.ema_decay, snr_gamma=a.snr_gamma, init=Path(a.init) if a.init else None))
 
 
 if __name__ == "__main__":
