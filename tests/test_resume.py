@@ -108,3 +108,11 @@ def test_per_stage_extras_switch_off(tmp_path, monkeypatch):
     assert len(fixed(on)) == 2 * 4 and len(list(on.glob("samples/*/*.png"))) == 4  # start + end, 4 stages
     assert fixed(off) == [] and not list(off.glob("samples/*/*.png"))
     assert {p.name for p in off.glob("checkpoints/*")} == {p.name for p in on.glob("checkpoints/*")}
+    # every log record carries the level gains: zero-init levels are 0 until their stage moves them
+    last = {r["stage"]: r["level_gains"] for r in map(json.loads, (on / "metrics.jsonl").read_text()
+                                                      .splitlines()) if "level_gains" in r}
+    gains = list(last.values())  # the last record of each stage, in stage order
+    assert len(gains) == 4 and all(len(g) == 4 for g in gains)
+    assert gains[0][0] > 0.5 and gains[0][1:] == [0, 0, 0]
+    assert gains[1][1] > 0 and gains[1][2:] == [0, 0]  # one step of stage 1 moved level 1 only
+    assert gains[3][3] > 0

@@ -134,6 +134,12 @@ class TaxonomyConditioner(ModelMixin, ConfigMixin):
             out = torch.where(none[:, None, None], null.to(out.dtype).expand_as(out), out)
         return out
 
+    def output_gains(self) -> list[float]:
+        """Mean |weight| of each level's last LayerNorm: how strongly each level speaks into the context
+        (a level's output is that gain times a unit-variance vector, plus a taxon-independent bias).
+        A zero-init level whose gain stays near 0 through its stage adds nothing; logged per step."""
+        return [float(enc.encoder.layers[-1].norm2.weight.detach().abs().mean()) for enc in self.levels]
+
     def encode_level(self, level: int, embeds: torch.Tensor) -> torch.Tensor:
         """One level's refined embedding (B, 77, D), e.g. for the embedding map (analysis/)."""
         return self.levels[level](embeds)

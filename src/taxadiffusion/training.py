@@ -223,6 +223,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 ips = seen / sum(durations)
                 rec = {"stage": stage.name, "step": step, "loss": sum(window) / len(window),
                        "lr": lr_sched.get_last_lr()[0], "images_per_s": ips, "step_s_median": med}
+                if conditioner is not None:  # a level stuck near 0 is switched off (README)
+                    rec["level_gains"] = [round(g, 5) for g in conditioner.output_gains()]
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}", img_s=f"{ips:.1f}")
                 log.metrics(rec, acc)
                 window, durations, seen = [], [], 0
