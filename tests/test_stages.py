@@ -61,3 +61,22 @@ def test_freeze_after_a_stage_k_step_only_level_k_changed():
     level2 = {k for k in before if k.startswith("1.levels.2.")}
     assert changed and changed <= level2
     assert changed == {k for k in level2 if "running" not in k}  # every level-2 tensor moved
+
+
+def test_zero_init_output_projection_starts_at_zero_and_gets_a_full_gradient():
+    torch.manual_seed(0)
+    emb, null = torch.randn(4, 3, 77, 32), torch.zeros(77, 32)
+    keep0 = torch.tensor([[True, False, False]] * 4)
+    keep01 = torch.tensor([[True, True, False]] * 4)
+    proj = TaxonomyConditioner(3, 32, 1, 4, 64, 0.0, zero_init=True, out_proj=True)
+    ln = TaxonomyConditioner(3, 32, 1, 4, 64, 0.0, zero_init=True)
+    assert proj.levels[0].proj is None and proj.levels[1].proj is not None  # level 0 is the paper's
+    assert sum(p.numel() for p in proj.parameters()) == sum(p.numel() for p in ln.parameters()) + 2 * (32 * 32 + 32)
+    for cond in (proj, ln):
+        assert torch.equal(cond(emb, keep01, null), cond(emb, keep0, null))  # level 1 adds exactly 0
+        assert cond.output_gains()[1:] == [0.0, 0.0] and cond.output_gains()[0] > 0.5
+        (cond(emb, keep01, null) * torch.randn(4, 77, 32)).sum().backward()
+    # the projection's whole (32 x 32) map gets a gradient; the LayerNorm-gain init only a diagonal
+    assert (proj.levels[1].proj.weight.grad != 0).float().mean() > 0.9
+    assert ln.levels[1].encoder.layers[-1].norm2.weight.grad.ne(0).all()
+    assert ln.levels[1].encoder.layers[0].linear1.weight.grad.abs().max() == 0

@@ -87,19 +87,37 @@ class LevelEncoder(nn.Module):
     """2 post-norm transformer encoder layers, as the released code's nn.TransformerEncoder
     (d 768, 8 heads, ff 2048, dropout 0.1 on SD v1.5; 11.03M parameters per level)."""
 
-    def __init__(self, dim: int, num_layers: int, num_heads: int, ff_dim: int, dropout: float):
+    def __init__(self, dim: int, num_layers: int, num_heads: int, ff_dim: int, dropout: float,
+                 out_proj: bool = False):
         super().__init__()
         layer = nn.TransformerEncoderLayer(dim, num_heads, ff_dim, dropout, batch_first=True)
         # enable_nested_tensor off: no padding mask here, and it keeps train and eval maths identical
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        # not in the paper (adds dim*(dim+1) parameters): a Linear after the encoder, so that a zero
+        # init starts at 0 through a full map (ControlNet's zero convolutions), not a per-channel gain
+        self.proj = nn.Linear(dim, dim) if out_proj else None
 
     def zero_output(self) -> None:
+        if self.proj is not None:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+            return
         last = self.encoder.layers[-1].norm2
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
+    def gain(self) -> float:
+        """How strongly the level speaks: mean |gain| of the last LayerNorm, times the projection's
+        RMS singular value (||W||_F / sqrt(dim)) when there is one."""
+        g = self.encoder.layers[-1].norm2.weight.detach().abs().mean()
+        if self.proj is not None:
+            w = self.proj.weight.detach()
+            g = g * w.norm() / w.shape[0] ** 0.5
+        return float(g)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        y = self.encoder(x)
+        return y if self.proj is None else self.proj(y)
 
 
 class TaxonomyConditioner(ModelMixin, ConfigMixin):
@@ -112,10 +130,13 @@ class TaxonomyConditioner(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_levels: int, dim: int, num_layers: int = 2, num_heads: int = 8,
-                 ff_dim: int = 2048, dropout: float = 0.1, zero_init: bool = True):
+                 ff_dim: int = 2048, dropout: float = 0.1, zero_init: bool = True,
+                 out_proj: bool = False):
         super().__init__()
+        # out_proj (levels >= 1 only; level 0 stays the paper's module): see LevelEncoder
         self.levels = nn.ModuleList(
-            LevelEncoder(dim, num_layers, num_heads, ff_dim, dropout) for _ in range(num_levels))
+            LevelEncoder(dim, num_layers, num_heads, ff_dim, dropout, out_proj and l > 0)
+            for l in range(num_levels))
         if zero_init:
             for enc in self.levels[1:]:
                 enc.zero_output()
@@ -138,7 +159,7 @@ class TaxonomyConditioner(ModelMixin, ConfigMixin):
         """Mean |weight| of each level's last LayerNorm: how strongly each level speaks into the context
         (a level's output is that gain times a unit-variance vector, plus a taxon-independent bias).
         A zero-init level whose gain stays near 0 through its stage adds nothing; logged per step."""
-        return [float(enc.encoder.layers[-1].norm2.weight.detach().abs().mean()) for enc in self.levels]
+        return [enc.gain() for enc in self.levels]
 
     def encode_level(self, level: int, embeds: torch.Tensor) -> torch.Tensor:
         """One level's refined embedding (B, 77, D), e.g. for the embedding map (analysis/)."""

@@ -52,6 +52,7 @@ class ModelConfig:
     level_ff: int = 2048                # feed-forward width (tiny: scaled with the width)
     level_dropout: float = 0.1          # nn.TransformerEncoderLayer default, as released
     zero_init: bool = True              # new level starts at zero output: stage k starts at stage k-1
+    level_out_proj: bool = False        # not in the paper: zero-init Linear after levels >= 1 (README)
     # LoRA (paper Sec. A.2; released code: r 4, alpha 4, gaussian init)
     lora_rank: int = 4
     lora_alpha: int = 4

@@ -74,7 +74,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         add_lora(unet, mc)
     text_mode = plan[0].text_prompt
     conditioner = None if text_mode else TaxonomyConditioner(
-        L, bb.context_dim, mc.level_layers, mc.level_heads, mc.level_ff, mc.level_dropout, mc.zero_init)
+        L, bb.context_dim, mc.level_layers, mc.level_heads, mc.level_ff, mc.level_dropout, mc.zero_init,
+        mc.level_out_proj)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     bb.text_encoder.to(device)
