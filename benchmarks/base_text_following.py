@@ -56,13 +56,25 @@ def hue_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) -> dict:
+def sample_cfg(bb, ctx: torch.Tensor, null: torch.Tensor, scale: float, steps: int) -> np.ndarray:
+    """DDIM samples of the pixel-space tiny UNet for raw contexts with CFG; uint8 (N, 32, 32, 3)."""
     from diffusers import DDIMScheduler
+    from taxadiffusion.guidance import cfg
+    sched = DDIMScheduler.from_config(bb.noise_scheduler.config)
+    sched.set_timesteps(steps)
+    x = torch.randn(len(ctx), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for t in sched.timesteps:
+        e_c, e_u = bb.unet(torch.cat([x, x]), t, torch.cat([ctx, null])).sample.chunk(2)
+        x = sched.step(cfg(e_u, e_c, scale), t, x).prev_sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) -> dict:
     from taxadiffusion.backbone import build_tiny, module_fingerprint
     from taxadiffusion.conditioning import TextEmbeddingCache
     from taxadiffusion.config import load_config
     from taxadiffusion.datasets.synthetic import WorldConfig, render_options
-    from taxadiffusion.guidance import cfg
     from taxadiffusion.tinybase import caption, random_rows
     mc = dataclasses.replace(load_config("demo").model, pretrained_unet=base)
     bb = build_tiny(mc, 32)
@@ -90,14 +102,7 @@ def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) 
     res["hue_error"], res["hue_error_shuffled"], res["seconds"] = {}, {}, {}
     for s in scales:
         t0 = time.perf_counter()
-        sched = DDIMScheduler.from_config(bb.noise_scheduler.config)
-        sched.set_timesteps(steps)
-        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        for t in sched.timesteps:
-            e_c, e_u = unet(torch.cat([x, x]), t, torch.cat([ctx, null])).sample.chunk(2)
-            x = sched.step(cfg(e_u, e_c, s), t, x).prev_sample
-        img = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-        h = hue_angles(img)
+        h = hue_angles(sample_cfg(bb, ctx, null, s, steps))
         res["hue_error"][s] = hue_error(h, target)
         res["hue_error_shuffled"][s] = hue_error(np.roll(h, 1), target)
         res["seconds"][s] = time.perf_counter() - t0
@@ -108,25 +113,16 @@ def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) 
 @torch.no_grad()
 def caption_ceiling(bb, cache, scale: float, steps: int, n: int = 8) -> dict:
     """Oracle accuracy per rank of samples drawn from the trait captions of the demo's species."""
-    from diffusers import DDIMScheduler
     from taxadiffusion.datasets.synthetic import WorldConfig, make_world
     from taxadiffusion.demo import _select_species
     from taxadiffusion.evaluation.oracle import load_or_train_oracle
-    from taxadiffusion.guidance import cfg
     from taxadiffusion.tinybase import caption
     world = make_world(WorldConfig())
     oracle = load_or_train_oracle(WorldConfig())
     few, common = _select_species(world.taxonomy)
     ids = [world.species_id(t) for t in few + common for _ in range(n)]
     ctx = cache.encode([caption(world.options[i], world.hue0) for i in ids])
-    null = cache.encode([""]).expand(len(ids), -1, -1)
-    sched = DDIMScheduler.from_config(bb.noise_scheduler.config)
-    sched.set_timesteps(steps)
-    x = torch.randn(len(ids), 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    for t in sched.timesteps:
-        e_c, e_u = bb.unet(torch.cat([x, x]), t, torch.cat([ctx, null])).sample.chunk(2)
-        x = sched.step(cfg(e_u, e_c, scale), t, x).prev_sample
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    img = sample_cfg(bb, ctx, cache.encode([""]).expand(len(ids), -1, -1), scale, steps)
     return {"scale": scale, "n_per_species": n, **oracle.score(img, [world.lineages[i] for i in ids])}
 
 

@@ -56,3 +56,10 @@ def test_continued_pretraining_starts_from_the_parent_and_records_it(tmp_path):
     assert recipe["snr_gamma"] == 5.0 and recipe["seed"] == 7
     c = load_file(child / "unet.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # it trained
+    # the same run without min-SNR weighting ends elsewhere: the weighting reaches the loss
+    plain = pretrain(SMALL, steps=2, out=tmp_path / "plain", batch_size=4, seed=7, init=parent)
+    p = load_file(plain / "unet.safetensors")
+    assert any(not torch.equal(p[k], c[k]) for k in p)
+    # a parent made for another architecture is refused, as any base is (backbone.load_tiny_base)
+    with pytest.raises(ValueError, match="text_width"):
+        pretrain(dataclasses.replace(SMALL, text_width=64), steps=1, out=tmp_path / "x", init=parent)

@@ -156,9 +156,9 @@ class TaxonomyConditioner(ModelMixin, ConfigMixin):
         return out
 
     def output_gains(self) -> list[float]:
-        """Mean |weight| of each level's last LayerNorm: how strongly each level speaks into the context
-        (a level's output is that gain times a unit-variance vector, plus a taxon-independent bias).
-        A zero-init level whose gain stays near 0 through its stage adds nothing; logged per step."""
+        """Each level's LevelEncoder.gain(): how strongly it speaks into the context (its output is
+        that gain times a unit-variance vector, plus a taxon-independent bias). A zero-init level
+        whose gain stays near 0 through its stage adds nothing; logged per step."""
         return [enc.gain() for enc in self.levels]
 
     def encode_level(self, level: int, embeds: torch.Tensor) -> torch.Tensor:

@@ -74,17 +74,14 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
     """
     import dataclasses
     from diffusers.training_utils import EMAModel, compute_snr
-    from safetensors.torch import load_file, save_file
-    model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None)  # random init unless `init`
+    from safetensors.torch import save_file
+    # random init, or `init` loaded and checked against this config as any base is (load_tiny_base)
+    model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None if init is None else str(init))
     torch.manual_seed(seed)
     wc = WorldConfig(seed=1234)  # another world than the demo's (seed 0): other trait combinations
     bb = build_tiny(model_cfg, wc.image_size, seed=0)
-    unet, sched = bb.unet, bb.noise_scheduler
-    parent = None
-    if init is not None:
-        parent = json.loads((Path(init) / "recipe.json").read_text())
-        unet.load_state_dict(load_file(Path(init) / "unet.safetensors"))
-    unet.train()
+    unet, sched = bb.unet.train(), bb.noise_scheduler
+    parent = None if init is None else json.loads((Path(init) / "recipe.json").read_text())
     cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder))
     null = cache.encode([""])[0]
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
