@@ -47,6 +47,23 @@ def test_second_call_loads_from_cache(oracle, cache):
     assert again.info["train_seconds"] > 0
 
 
+def test_a_second_process_waits_for_the_entry_being_trained(oracle, cache):
+    """Two runs started together (demo_variants in parallel) train the oracle once: the second waits on
+    the entry's lock, then loads what the first stored."""
+    import threading
+
+    from taxadiffusion.evaluation.oracle import cache_lock
+    got = []
+    with cache_lock(oracle.path):                              # the first process is still training
+        t = threading.Thread(target=lambda: got.append(
+            load_or_train_oracle(TINY, cache_dir=cache, cfg=FAST, progress=False)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not got
+    t.join(60)
+    assert len(got) == 1 and not got[0].trained
+
+
 def test_damaged_cache_is_an_error_not_a_retrain(oracle, tmp_path):
     copy = tmp_path / oracle.path.name
     shutil.copytree(oracle.path, copy)

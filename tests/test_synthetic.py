@@ -148,6 +148,33 @@ def test_write_is_idempotent_and_rewrites_on_a_new_config(tmp_path):
         write_dataset(foreign, TINY)
 
 
+def test_concurrent_writers_take_turns(tmp_path):
+    """Two runs started together on one data folder (benchmarks/demo_variants.py in parallel): the
+    second waits for the first instead of deleting its images mid-write, and both get the dataset."""
+    import multiprocessing
+    import threading
+
+    from filelock import FileLock
+    out, done = tmp_path / "data", []
+    with FileLock(tmp_path / ".data.lock"):                   # another writer holds the folder
+        t = threading.Thread(target=lambda: done.append(write_dataset(out, TINY)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not out.exists()              # waiting, nothing written yet
+    t.join(60)
+    assert done == [out / "metadata.csv"]
+    ref = _digest(out)
+    out2 = tmp_path / "data2"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=write_dataset, args=(out2, TINY)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert _digest(out2) == ref
+
+
 def test_config_validation_round_trip_and_hash():
     cfg = WorldConfig()
     assert WorldConfig.from_dict(cfg.to_dict()) == cfg

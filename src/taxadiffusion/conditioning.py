@@ -16,6 +16,7 @@ What we do differently from the released code (REFERENCE-FACTS.md), and why:
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -72,9 +73,11 @@ class TextEmbeddingCache:
                 self.memory[p] = e.clone()
                 if self.dir is not None:
                     self.dir.mkdir(parents=True, exist_ok=True)
-                    tmp = self._file(p).with_suffix(".tmp")
+                    # a name per process: ranks encoding the same prompt never share a temp file,
+                    # and the replace is atomic, so no rank reads half a file
+                    tmp = self._file(p).with_suffix(f".{os.getpid()}.tmp")
                     save_file({"embedding": e.contiguous()}, tmp, metadata={"prompt": p})
-                    tmp.replace(self._file(p))  # atomic: concurrent ranks never read half a file
+                    tmp.replace(self._file(p))
         return torch.stack([self.memory[p] for p in prompts])
 
     def level_tables(self, taxonomy: Taxonomy) -> list[torch.Tensor]:

@@ -394,9 +394,18 @@ def write_dataset(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), *, prog
     ../shared/data/cub-birds (`file_name,class,order,family,genus,specific_epithet`), read by the same
     reader as real data, and `world.json` (the config and its hash). Same config, same bytes. Idempotent:
     a folder already written with the same config hash is left as it is; one written with another config
-    is rewritten (only our own files); a non-empty folder we did not write is an error.
+    is rewritten (only our own files); a non-empty folder we did not write is an error. Concurrent calls
+    on one folder (two benchmark runs started together) take turns on a lock file beside it: the second
+    finds the first's finished dataset instead of deleting its images mid-write.
     """
+    from filelock import FileLock
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / f".{out.name}.lock"):
+        return _write_dataset(out, cfg, progress)
+
+
+def _write_dataset(out: Path, cfg: WorldConfig, progress: bool) -> Path:
     marker, meta = out / "world.json", out / "metadata.csv"
     h = cfg.hash()
     if marker.exists():

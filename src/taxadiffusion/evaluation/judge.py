@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from ..datasets.table import Record, Table
 from ..taxonomy import Taxon, Taxonomy
-from .oracle import OracleFeatures, OracleNet, as_input, load_cached_net, store_cached_net
+from .oracle import OracleFeatures, OracleNet, as_input, cache_lock, load_cached_net, store_cached_net
 from .tables import taxon_seed
 
 JUDGE_VERSION = 1   # part of the cache key: bump when the network, split or training recipe changes
@@ -267,32 +267,33 @@ def load_or_train_judge(table: Table, taxonomy: Taxonomy, resolution: int, cfg: 
     key = judge_key(table, taxonomy, resolution, cfg)
     path = (Path(cache_dir) if cache_dir is not None else cache_root()) / key
     sizes = [taxonomy.size(l) for l in range(taxonomy.num_levels)]
-    cached = load_cached_net(path, "judge", sizes, cfg.width)
-    if cached is not None:
-        return Judge(cached[0], taxonomy, cached[1], path, trained=False)
+    with cache_lock(path):  # a second process waits here, then loads what the first stored
+        cached = load_cached_net(path, "judge", sizes, cfg.width)
+        if cached is not None:
+            return Judge(cached[0], taxonomy, cached[1], path, trained=False)
 
-    split = split_records(table, taxonomy, cfg.holdout, cfg.seed)
-    x_tr, s_tr, bad_tr = load_split_images(split.train, table.preprocess, resolution, progress)
-    x_ho, s_ho, bad_ho = load_split_images(split.held_out, table.preprocess, resolution, progress)
-    y_tr = torch.tensor([taxonomy.ids(t) for t in s_tr]).reshape(len(s_tr), taxonomy.num_levels)
-    y_ho = torch.tensor([taxonomy.ids(t) for t in s_ho]).reshape(len(s_ho), taxonomy.num_levels)
-    t0, c0 = time.perf_counter(), time.process_time()
-    net = train_judge(x_tr, y_tr, sizes, cfg, progress)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    info = {"key": key, "judge_version": JUDGE_VERSION, "resolution": int(resolution),
-            "preprocess": table.preprocess, "data_root": table.root, "ranks": list(taxonomy.ranks),
-            "sizes": sizes, "taxonomy_digest": taxonomy_digest(taxonomy), "train": asdict(cfg),
-            "split": {**split.counts, "unreadable": len(bad_tr) + len(bad_ho),
-                      "unreadable_paths": (bad_tr + bad_ho)[:20],
-                      "held_out_species": len(set(s_ho))},
-            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
-            "torch_threads": torch.get_num_threads()}
-    judge = Judge(net, taxonomy, info, path, trained=True)
-    info["train_accuracy"] = judge.accuracy(x_tr, s_tr)
-    info["held_out_accuracy"] = judge.accuracy(x_ho, s_ho) if len(s_ho) else None
-    info["held_out_majority_baseline"] = _majority(y_tr, y_ho, taxonomy.ranks) if len(s_ho) else None
-    store_cached_net(path, "judge", net, info)
-    return judge
+        split = split_records(table, taxonomy, cfg.holdout, cfg.seed)
+        x_tr, s_tr, bad_tr = load_split_images(split.train, table.preprocess, resolution, progress)
+        x_ho, s_ho, bad_ho = load_split_images(split.held_out, table.preprocess, resolution, progress)
+        y_tr = torch.tensor([taxonomy.ids(t) for t in s_tr]).reshape(len(s_tr), taxonomy.num_levels)
+        y_ho = torch.tensor([taxonomy.ids(t) for t in s_ho]).reshape(len(s_ho), taxonomy.num_levels)
+        t0, c0 = time.perf_counter(), time.process_time()
+        net = train_judge(x_tr, y_tr, sizes, cfg, progress)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        info = {"key": key, "judge_version": JUDGE_VERSION, "resolution": int(resolution),
+                "preprocess": table.preprocess, "data_root": table.root, "ranks": list(taxonomy.ranks),
+                "sizes": sizes, "taxonomy_digest": taxonomy_digest(taxonomy), "train": asdict(cfg),
+                "split": {**split.counts, "unreadable": len(bad_tr) + len(bad_ho),
+                          "unreadable_paths": (bad_tr + bad_ho)[:20],
+                          "held_out_species": len(set(s_ho))},
+                "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+                "torch_threads": torch.get_num_threads()}
+        judge = Judge(net, taxonomy, info, path, trained=True)
+        info["train_accuracy"] = judge.accuracy(x_tr, s_tr)
+        info["held_out_accuracy"] = judge.accuracy(x_ho, s_ho) if len(s_ho) else None
+        info["held_out_majority_baseline"] = _majority(y_tr, y_ho, taxonomy.ranks) if len(s_ho) else None
+        store_cached_net(path, "judge", net, info)
+        return judge
 
 
 # -- scoring generated images ---------------------------------------------------------------------------

@@ -230,26 +230,34 @@ def load_or_train_oracle(world_cfg: WorldConfig = WorldConfig(), cache_dir: str 
     path = Path(cache_dir) if cache_dir is not None else cache_root()
     path = path / key
     sizes = [world.taxonomy.size(l) for l in range(len(RANKS))]
-    cached = load_cached_net(path, "oracle", sizes, cfg.width)
-    if cached is not None:
-        return Oracle(cached[0], world, cached[1], path, trained=False)
+    with cache_lock(path):  # a second process waits here, then loads what the first stored
+        cached = load_cached_net(path, "oracle", sizes, cfg.width)
+        if cached is not None:
+            return Oracle(cached[0], world, cached[1], path, trained=False)
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    net = train_oracle(world, cfg, progress)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    info = {"key": key, "oracle_version": ORACLE_VERSION, "world": world_cfg.to_dict(),
-            "world_hash": world_cfg.hash(), "train": asdict(cfg), "train_seconds": round(seconds, 1),
-            "train_cpu_seconds": round(cpu, 1),  # all threads: wall time depends on what else runs
-            "torch_threads": torch.get_num_threads(), "ranks": list(RANKS), "sizes": sizes}
-    oracle = Oracle(net, world, info, path, trained=True)
-    info["accuracy_clean"] = evaluate(oracle, cfg.eval_images, perturb=False)
-    info["accuracy_perturbed"] = evaluate(oracle, cfg.eval_images, perturb=True)
-    if info["accuracy_clean"]["species"] < TARGET_SPECIES_ACCURACY:
-        warnings.warn(f"oracle species accuracy on clean renders is {info['accuracy_clean']['species']:.3f}, "
-                      f"below the {TARGET_SPECIES_ACCURACY} target: its verdicts on species are unreliable "
-                      f"(train longer: OracleConfig.steps)")
-    store_cached_net(path, "oracle", net, info)
-    return oracle
+        t0, c0 = time.perf_counter(), time.process_time()
+        net = train_oracle(world, cfg, progress)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        info = {"key": key, "oracle_version": ORACLE_VERSION, "world": world_cfg.to_dict(),
+                "world_hash": world_cfg.hash(), "train": asdict(cfg), "train_seconds": round(seconds, 1),
+                "train_cpu_seconds": round(cpu, 1),  # all threads: wall time depends on what else runs
+                "torch_threads": torch.get_num_threads(), "ranks": list(RANKS), "sizes": sizes}
+        oracle = Oracle(net, world, info, path, trained=True)
+        info["accuracy_clean"] = evaluate(oracle, cfg.eval_images, perturb=False)
+        info["accuracy_perturbed"] = evaluate(oracle, cfg.eval_images, perturb=True)
+        if info["accuracy_clean"]["species"] < TARGET_SPECIES_ACCURACY:
+            warnings.warn(f"oracle species accuracy on clean renders is {info['accuracy_clean']['species']:.3f}, "
+                          f"below the {TARGET_SPECIES_ACCURACY} target: its verdicts on species are unreliable "
+                          f"(train longer: OracleConfig.steps)")
+        store_cached_net(path, "oracle", net, info)
+        return oracle
+
+
+def cache_lock(path: Path):
+    """A lock beside cache entry `path`: one process trains and stores it while others wait."""
+    from filelock import FileLock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.parent / f".{path.name}.lock")
 
 
 def load_cached_net(path: Path, name: str, sizes: Sequence[int], width: int) -> tuple[OracleNet, dict] | None:
