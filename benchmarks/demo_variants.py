@@ -9,6 +9,11 @@ Trains `configs/demo.yaml` plus the given dotted overrides on the demo's synthet
 species (8 one-shot, 8 common; --n each) with the oracle, as README "What a 5-minute CPU training
 run can and cannot show" reports them. Resumable: a finished training is reused.
 Writes <out>/<name>/variant.json (overrides, minutes, accuracies per rank, Frechet, fixed-batch loss).
+
+    --world rotation=5 --world "scale=[0.95, 1.05]"   another world (the difficulty dial, WorldConfig);
+                                                     its data goes to <out>/data-<world hash>
+    --checkpoint checkpoints/stage-0-all/step-720    score this checkpoint of the run (EMA weights, as
+                                                     saved) instead of the final one: a learning curve
 """
 from __future__ import annotations
 
@@ -26,8 +31,13 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", default="runs/variants")
     ap.add_argument("--n", type=int, default=8, help="samples per species")
+    ap.add_argument("--world", action="append", default=[], metavar="KEY=VALUE",
+                    help="WorldConfig field (YAML value), repeatable; default: the demo's world")
+    ap.add_argument("--checkpoint", help="checkpoint folder relative to the run to score instead of the final")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-2")
     a = ap.parse_args()
+    import yaml
+
     from taxadiffusion.config import load_config
     from taxadiffusion.datasets.synthetic import WorldConfig, write_dataset
     from taxadiffusion.demo import _select_species
@@ -35,9 +45,15 @@ def main() -> None:
     from taxadiffusion.taxonomy import Taxonomy
     from taxadiffusion.training import train
     out = Path(a.out).resolve()
-    data = out / "data"
-    if not (data / "metadata.csv").exists():
-        write_dataset(data, WorldConfig(), progress=True)
+    world = {}
+    for kv in a.world:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--world expects KEY=VALUE, got {kv!r}")
+        world[key] = yaml.safe_load(value)
+    wc = WorldConfig.from_dict({**WorldConfig().to_dict(), **world})
+    data = out / ("data" if wc == WorldConfig() else f"data-{wc.hash()}")
+    write_dataset(data, wc, progress=True)  # idempotent; concurrent runs wait for one writer
     cfg = load_config("demo", [f"data.root={data}", f"train.output_dir={out}", f"name={a.name}",
                                "train.validation_seeds=0", *a.overrides])
     t0 = time.time()
@@ -46,18 +62,28 @@ def main() -> None:
     tax = Taxonomy.load(run / "taxonomy.json")
     few, common = _select_species(tax)
     species = [" > ".join(t.path) for t in few + common]
-    res = {"overrides": a.overrides, "train_minutes_this_call": round(minutes, 2), "n_per_species": a.n}
+    target, tag = (run / a.checkpoint, "-" + a.checkpoint.strip("/").replace("/", "-")) if a.checkpoint \
+        else (run, "")
+    res = {"overrides": a.overrides, "world": world, "checkpoint": a.checkpoint,
+           "train_minutes_this_call": round(minutes, 2), "n_per_species": a.n}
     for g in ("taxa", "cfg"):
-        o = evaluate(run, metrics=["oracle"], levels=["species"], species=species, n_per_taxon=a.n,
-                     guidance=g, out=run / "eval" / f"variant-{g}")["oracle"]["levels"]["species"]
+        o = evaluate(target, metrics=["oracle"], levels=["species"], species=species, n_per_taxon=a.n,
+                     guidance=g, out=run / "eval" / f"variant{tag}-{g}")["oracle"]["levels"]["species"]
         res[g] = {**o["accuracy"], "frechet": o["frechet"]}
         print(a.name, g, json.dumps(res[g]), flush=True)
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    res["fixed_loss_end"] = [r["fixed_loss"] for r in recs if "fixed_loss" in r][-1]
+    if a.checkpoint:  # the log up to the scored checkpoint, not the run's end
+        st = json.loads((target / "state.json").read_text())
+        stages = list(dict.fromkeys(r["stage"] for r in recs))
+        upto = stages[:stages.index(st["stage"])]
+        recs = [r for r in recs if r["stage"] in upto or (r["stage"] == st["stage"] and r["step"] <= st["step"])]
+    fixed = [r for r in recs if "fixed_loss" in r]
+    # measured at stage starts and ends only: a mid-stage checkpoint has none of its own
+    res["fixed_loss_end"] = fixed[-1]["fixed_loss"] if fixed and recs and fixed[-1] is recs[-1] else None
     gains = [r["level_gains"] for r in recs if "level_gains" in r]
     res["level_gains_end"] = gains[-1] if gains else None  # flat baselines have no levels
-    (run / "variant.json").write_text(json.dumps(res, indent=1))
-    print(f"wrote {run / 'variant.json'}")
+    (run / f"variant{tag}.json").write_text(json.dumps(res, indent=1))
+    print(f"wrote {run / f'variant{tag}.json'}")
 
 
 if __name__ == "__main__":
