@@ -12,8 +12,9 @@ Writes <out>/<name>/variant.json (overrides, minutes, accuracies per rank, Frech
 
     --world rotation=5 --world "scale=[0.95, 1.05]"   another world (the difficulty dial, WorldConfig);
                                                      its data goes to <out>/data-<world hash>
-    --checkpoint checkpoints/stage-0-all/step-720    score this checkpoint of the run (EMA weights, as
-                                                     saved) instead of the final one: a learning curve
+    --checkpoint checkpoints/stage-0-all/step-720    score this checkpoint of an existing run (EMA
+                                                     weights, as saved) instead of training and scoring
+                                                     the final one: a learning curve
 """
 from __future__ import annotations
 
@@ -57,7 +58,12 @@ def main() -> None:
     cfg = load_config("demo", [f"data.root={data}", f"train.output_dir={out}", f"name={a.name}",
                                "train.validation_seeds=0", *a.overrides])
     t0 = time.time()
-    run = train(cfg, resume="latest")
+    if a.checkpoint:  # score an existing checkpoint as it is: no training, even if the run is unfinished
+        run = Path(cfg.train.output_dir) / cfg.name
+        if not (run / a.checkpoint / "state.json").exists():
+            raise SystemExit(f"{run / a.checkpoint} is not a checkpoint (no state.json)")
+    else:
+        run = train(cfg, resume="latest")
     minutes = (time.time() - t0) / 60
     tax = Taxonomy.load(run / "taxonomy.json")
     few, common = _select_species(tax)
