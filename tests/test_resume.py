@@ -116,3 +116,24 @@ def test_per_stage_extras_switch_off(tmp_path, monkeypatch):
     assert gains[0][0] > 0.5 and gains[0][1:] == [0, 0, 0]
     assert gains[1][1] > 0 and gains[1][2:] == [0, 0]  # one step of stage 1 moved level 1 only
     assert gains[3][3] > 0
+
+
+def test_snr_gamma_weights_the_training_loss_not_the_fixed_batch_loss(tmp_path, monkeypatch):
+    """train.snr_gamma (min-SNR weighting): the first step sees the same model, batch, noise and
+    timesteps either way, so its weighted loss is lower (weights <= 1) while the fixed-batch loss,
+    which compares runs, stays the plain MSE."""
+    import json
+    from taxadiffusion.config import load_config
+    from taxadiffusion.training import train
+    monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
+    data = write_images(tmp_path / "data")
+    short = ["train.steps_stage0=2", "train.steps_per_stage=1", "train.checkpoint_every=0",
+             "train.fixed_batch=8", "train.validation_seeds=0"]
+    runs = {g: train(load_config("tiny-cpu", tiny_overrides(data, tmp_path / "runs", f"g{g}") + short
+                                 + [f"train.snr_gamma={g}"])) for g in ("null", 1)}
+    recs = {g: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+            for g, r in runs.items()}
+    first = {g: next(r for r in rs if "loss" in r and r["step"] == 1)["loss"] for g, rs in recs.items()}
+    fixed0 = {g: next(r for r in rs if "fixed_loss" in r)["fixed_loss"] for g, rs in recs.items()}
+    assert first[1] < first["null"]
+    assert fixed0[1] == fixed0["null"]

@@ -186,5 +186,12 @@ def test_config_validation_round_trip_and_hash():
         WorldConfig(branching=((2, 2),))
     with pytest.raises(KeyError, match="mark_sise"):
         WorldConfig.from_dict({"mark_sise": 0.1})
+    with pytest.raises(TypeError, match="rotation must be float, got 'abc'"):
+        WorldConfig.from_dict({"rotation": "abc"})
+    with pytest.raises(TypeError, match="mirror must be bool"):
+        WorldConfig(mirror="no")
+    with pytest.raises(TypeError, match="image_size must be int"):
+        WorldConfig(image_size=32.0)
+    assert WorldConfig(rotation=5).rotation == 5  # an int where a float is expected is fine (YAML "5")
     with pytest.raises(ValueError, match="generator version 0"):
         WorldConfig.from_dict({"generator_version": 0, "config": cfg.to_dict()})

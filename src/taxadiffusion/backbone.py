@@ -72,6 +72,16 @@ def noise_scheduler(cfg: ModelConfig, pixel_space: bool) -> DDPMScheduler:
                          clip_sample=pixel_space, steps_offset=1, timestep_spacing="leading")
 
 
+def min_snr_weight(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weight min(SNR, gamma) / SNR for epsilon prediction (min-SNR weighting, Hang et
+    al. 2023, as diffusers' train scripts' --snr_gamma); all ones when gamma is None or 0."""
+    if not gamma:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(scheduler, t).float()
+    return snr.clamp(max=gamma) / snr
+
+
 # -- Stable Diffusion v1.5 -----------------------------------------------------------------------------
 def resolve_sd15(path_or_id: str) -> Path:
     """A local folder, or the snapshot of a hub id in the user's cache; never a download."""
@@ -148,10 +158,13 @@ def tiny_unet(cfg: ModelConfig, resolution: int, in_channels: int) -> UNet2DCond
 
 
 def tiny_text_encoder(cfg: ModelConfig) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
+    te = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    if cfg.text_token_std is not None:
+        te.embeddings.token_embedding.weight.data.normal_(0.0, cfg.text_token_std)
+    return te
 
 
 def tiny_vae() -> AutoencoderKL:

@@ -46,6 +46,7 @@ class ModelConfig:
     text_width: int = 64                # tiny CLIP text encoder width = cross-attention width
     text_layers: int = 2
     text_heads: int = 4
+    text_token_std: float | None = None  # tiny: token-embedding init std (None: CLIP's 0.02; README)
     # per-level condition module (paper Sec. 3.2; released code: nn.TransformerEncoder defaults)
     level_layers: int = 2               # 2 transformer encoder layers per level
     level_heads: int = 8                # 8 heads (tiny: must divide text_width)
@@ -81,6 +82,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0            # released code: constant lr
     max_grad_norm: float = 1.0
+    snr_gamma: float | None = None      # min-SNR loss weighting (diffusers' --snr_gamma); paper: plain MSE
     mixed_precision: str = "no"         # no | fp16 | bf16 (trainable parameters stay fp32)
     gradient_checkpointing: bool = False
     p_uncond: float = 0.1               # drop every level: trains the CFG branch

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import build_tiny, module_fingerprint
+from .backbone import build_tiny, min_snr_weight, module_fingerprint
 from .conditioning import TextEmbeddingCache
 from .config import ModelConfig, load_config
 from .datasets.synthetic import BODIES, GENERA, MARKS, ORDERS, WorldConfig, _traits, render_options
@@ -73,7 +73,7 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
     hardly matters, to the noisy ones where colour and body plan are decided.
     """
     import dataclasses
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
     # random init, or `init` loaded and checked against this config as any base is (load_tiny_base)
     model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None if init is None else str(init))
@@ -102,11 +102,7 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=g)
         loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, ctx).sample, noise, reduction="none")
-        loss = loss.mean(dim=(1, 2, 3))
-        if snr_gamma:  # epsilon-prediction weight min(SNR, gamma) / SNR, as diffusers' train scripts
-            snr = compute_snr(sched, t)
-            loss = loss * torch.clamp(snr, max=snr_gamma) / snr
-        loss = loss.mean()
+        loss = (loss.mean(dim=(1, 2, 3)) * min_snr_weight(sched, t, snr_gamma)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -136,7 +132,7 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
 # the ModelConfig fields that determine the tiny UNet and text encoder (must match to load the base)
 TINY_KEYS = ("pixel_space", "block_out_channels", "layers_per_block", "cross_attn_levels",
              "attention_head_dim", "text_width", "text_layers", "text_heads", "beta_schedule",
-             "beta_start", "beta_end", "num_train_timesteps")
+             "beta_start", "beta_end", "num_train_timesteps", "text_token_std")
 
 
 def main() -> None:

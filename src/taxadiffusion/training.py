@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import add_lora, base_parameters, build_backbone, cache_root, module_fingerprint
+from .backbone import (add_lora, base_parameters, build_backbone, cache_root, min_snr_weight,
+                       module_fingerprint)
 from .checkpoint import list_checkpoints, load_model_state, load_training_state, save_checkpoint
 from .conditioning import TaxonomyConditioner, TextEmbeddingCache, gather_embeddings, sample_keep
 from .config import Config, save_config
@@ -204,7 +205,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                     with acc.autocast():
                         ctx = _context(ids, keep, tables, null, run_cond, stage, device)
                         eps = run_unet(xt, t, ctx.to(weight_dtype)).sample
-                    loss = F.mse_loss(eps.float(), noise.float())
+                    loss = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = (loss * min_snr_weight(bb.noise_scheduler, t, tc.snr_gamma)).mean()
                     acc.backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(params, tc.max_grad_norm)
