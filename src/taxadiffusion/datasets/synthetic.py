@@ -34,14 +34,14 @@ per genus for a harder world; double it for an easier one.
 
 Calibration, measured (README "What a 5-minute CPU training run can and cannot show"; oracle accuracy,
 CFG 3, chance 0.50 / 0.25 / 0.13 / 0.06 / 0.01): the target was a tiny model that, after about 10
-minutes on our 2-core CPU, gets the high ranks right and the species partly. Our strongest tiny recipe
-(every UNet weight and all levels trained, from the shipped base) gets class 0.63, order 0.38, family
-0.20, genus 0.16, species 0.05 after 720 steps of 32 images (12 minutes at 1.0 s a step), 0.70 / 0.55 /
-0.30 / 0.27 / 0.06 after 1440 and 0.80 / 0.71 / 0.51 / 0.40 / 0.08 after 2160 (36 minutes); with
+minutes on our 2-core CPU, gets the high ranks right and the species partly. Training every UNet
+weight and all levels (`all`, from the shipped base) with plain MSE gives class 0.63, order 0.38,
+family 0.20, genus 0.16, species 0.05 after 720 steps of 32 images (12 minutes at 1.0 s a step), 0.70 /
+0.55 / 0.30 / 0.27 / 0.06 after 1440 and 0.80 / 0.71 / 0.51 / 0.40 / 0.08 after 2160 (36 minutes); with
 rotation 5, scale 0.95-1.05, shift 0.03 and colour_jitter 0.5 it is 0.70 / 0.44 / 0.20 / 0.12 / 0.03
-after 720. Less variation does not help; what does is min-SNR loss weighting (train.snr_gamma=2):
-0.83 / 0.71 / 0.35 / 0.30 / 0.07 after 720 steps, the target's shape at about its time (with plain MSE
-it takes 3.5x as long), so the default world stays. DESIGN.md's earlier "about 0.9
+after 720. Less variation does not help; min-SNR loss weighting (train.snr_gamma=2) does: 0.83 / 0.71 /
+0.35 / 0.30 / 0.07 after 720 steps (another seed: 0.84 / 0.68 / 0.38 / 0.34 / 0.13), the target's shape
+at about its time, so the default world stays. DESIGN.md's earlier "about 0.9
 node accuracy to genus in 12 minutes" was a 48-species world and a model "conditioned on summed
 per-level embeddings"; we have not reproduced it with the text-encoder pipeline.
 
