@@ -75,9 +75,9 @@ def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) 
     from taxadiffusion.conditioning import TextEmbeddingCache
     from taxadiffusion.config import load_config
     from taxadiffusion.datasets.synthetic import WorldConfig, render_options
-    from taxadiffusion.tinybase import ASSET, TINY_KEYS, caption, random_rows
+    from taxadiffusion.tinybase import TINY_KEYS, base_dir, caption, random_rows
     # the base's own model settings (its recipe), e.g. a base made with another text encoder init
-    recipe = json.loads(((ASSET if base == "builtin" else Path(base)) / "recipe.json").read_text())
+    recipe = json.loads((base_dir(base) / "recipe.json").read_text())
     mc = dataclasses.replace(load_config("demo").model, pretrained_unet=base,
                              **{k: v for k, v in recipe["model"].items() if k in TINY_KEYS})
     bb = build_tiny(mc, 32)

@@ -195,8 +195,8 @@ def load_tiny_base(cfg: ModelConfig, unet: UNet2DConditionModel, text_encoder: C
     """Load the pretrained tiny base into `unet`, after checking it was made for this architecture,
     noise schedule and text encoder (recipe.json beside unet.safetensors)."""
     from safetensors.torch import load_file
-    from .tinybase import ASSET, TINY_KEYS
-    d = ASSET if cfg.pretrained_unet == "builtin" else Path(cfg.pretrained_unet)
+    from .tinybase import TINY_KEYS, base_dir
+    d = base_dir(cfg.pretrained_unet)
     weights, recipe = d / "unet.safetensors", d / "recipe.json"
     for f in (weights, recipe):
         if not f.exists():

@@ -44,6 +44,11 @@ HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "bl
 ASPECT = {1.3: "short", 1.6: "medium", 1.9: "long"}
 
 
+def base_dir(pretrained_unet: str) -> Path:
+    """The folder of a base named in `model.pretrained_unet`: "builtin" (shipped) or a path."""
+    return ASSET if pretrained_unet == "builtin" else Path(pretrained_unet)
+
+
 def caption(row: np.ndarray, hue0: float) -> str:
     """Trait words for one row of trait options (body, order, family, genus, species)."""
     t = _traits(row, hue0)
