@@ -1,10 +1,11 @@
 """Ablations on the synthetic world at a fixed compute budget (paper Table 4 and Sec. B.5).
 
-    python benchmarks/ablation.py [--seeds 0 1] [--minutes-per-run 4]
+    python benchmarks/ablation.py [--seeds 0 1] [--steps-scale 1] [--strategies progressive all random full]
 
-- Training strategies: progressive vs all vs random vs lora-text, each from the same pretrained tiny
-  base with the same number of steps (configs/demo.yaml; single-stage strategies get the total budget
-  of the progressive stages, stages.py).
+- Training strategies: progressive vs all vs random vs the flat `full` baseline (lineage as text), each
+  from the same pretrained tiny base with the same number of steps (configs/demo.yaml, whose UNet
+  trains in every strategy; single-stage strategies get the total budget of the progressive stages,
+  stages.py). `lora-text` is accepted too: on this preset it trains the same whole UNet as `full`.
 - Guidance: TaxaGuide vs CFG at the same scale, on the progressive model.
 - Guidance scale 0, 2, 4, 6, 8, 10 (TaxaGuide), on the progressive model.
 Scored by the oracle on species-conditioned samples of every few-shot species and a seeded set of
@@ -81,7 +82,7 @@ def md_table(title: str, rows: dict[str, dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--strategies", nargs="+", default=["progressive", "all", "random", "lora-text"])
+    ap.add_argument("--strategies", nargs="+", default=["progressive", "all", "random", "full"])
     ap.add_argument("--scales", type=float, nargs="+", default=[0, 2, 4, 6, 8, 10])
     ap.add_argument("--guidance-scale", type=float, default=None, help="default: the preset's")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's steps")
@@ -115,7 +116,7 @@ def main() -> None:
     for strategy in a.strategies:
         for seed in a.seeds:
             run = trained(work, data, strategy, seed, a.steps_scale)
-            g = "cfg" if strategy == "lora-text" else "taxa"  # a flat model has no ancestor levels
+            g = "cfg" if strategy in ("lora-text", "full") else "taxa"  # a flat model has no levels
             add("strategy", f"{strategy} ({'CFG' if g == 'cfg' else 'TaxaGuide'})", run, g, scale)
             if strategy == "progressive":
                 add("guidance", "TaxaGuide", run, "taxa", scale)

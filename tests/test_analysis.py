@@ -15,7 +15,8 @@ from taxadiffusion.analysis import find_run_folder
 from taxadiffusion.analysis.attention import (LevelRecorder, attention_maps, level_contexts, level_parts,
                                               level_sum, recompose, recording)
 from taxadiffusion.analysis.embeddings import embedding_map, perplexity_for, pool_tokens
-from taxadiffusion.analysis.traits import sibling_grid, siblings, trait_grid
+from taxadiffusion.analysis.traits import (emergence_reference, emergence_table, sibling_grid, siblings,
+                                          trait_emergence, trait_grid)
 from taxadiffusion.cli import main
 from taxadiffusion.sampling import load_for_sampling
 
@@ -79,6 +80,33 @@ def test_trait_grid_levels_by_seeds(pipe):
     # below the species: a genus grid has the genus's first three columns
     genus, glabels = trait_grid(pipe, "Corvus", 3, 5, **KW)
     assert glabels == LINEAGE[:3] and torch.equal(genus, images[:3])
+
+
+def test_trait_emergence_counts_hits_per_column_and_rank():
+    def predict(x):  # a judge that reads its answer from the first pixels: rank r's id at x[:, 0, 0, r]
+        return x[:, 0, 0, :2].long()
+    a = torch.zeros(2, 2, 3, 4, 4, dtype=torch.uint8)  # taxon A, truth (0, 1): 2 columns x 2 seeds
+    a[0, 1, 0, 0, 1] = 1                               # column 0: seed 1 right at rank 1, seed 0 wrong
+    a[1, :, 0, 0, 1] = 1                               # column 1: both right
+    b = torch.ones(2, 2, 3, 4, 4, dtype=torch.uint8)   # taxon B, truth (1, 2): rank 0 right, rank 1 never
+    m = trait_emergence(predict, [a, b], torch.tensor([[0, 1], [1, 2]]))
+    torch.testing.assert_close(m, torch.tensor([[1.0, 0.25], [1.0, 0.5]]))
+    with pytest.raises(ValueError, match="true lineages"):
+        trait_emergence(predict, [a], torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="columns"):
+        trait_emergence(predict, [a, b[:1]], torch.tensor([[0, 1], [1, 2]]))
+
+
+def test_emergence_reference_is_one_down_to_the_condition_then_a_uniform_guess(pipe):
+    ref = emergence_reference(pipe.taxonomy, [("Aves", "Corvidae", "Corvus", "corax")])
+    # below Aves: 2 families, 3 genera, 4 species; below Corvidae: 2 genera, 3 species; Corvus: 2 species
+    expect = torch.tensor([[1, 1 / 2, 1 / 3, 1 / 4], [1, 1, 1 / 2, 1 / 3], [1, 1, 1, 1 / 2], [1, 1, 1, 1]])
+    torch.testing.assert_close(ref, expect)
+    both = emergence_reference(pipe.taxonomy, [("Aves", "Corvidae", "Corvus", "corax"),
+                                               ("Aves", "Paridae", "Parus", "major")])
+    assert both[2, 3] == pytest.approx((1 / 2 + 1) / 2)
+    t = emergence_table(ref, ref, ["class", "family", "genus", "species"])
+    assert t["rows"][0] == ["class", "1.00 (1.00)", "0.50 (0.50)", "0.33 (0.33)", "0.25 (0.25)"]
 
 
 def test_sibling_grid_columns_are_the_species_of_the_genus(pipe):

@@ -116,3 +116,28 @@ def test_oracle_features_plug_into_torchmetrics_fid(oracle):
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     same, far = oracle_frechet(oracle, real, real2), oracle_frechet(oracle, real, noise)
     assert 0 <= same < far / 5
+
+
+def test_trait_emergence_of_a_synthetic_run_is_scored_by_its_worlds_oracle(oracle, tmp_path, monkeypatch):
+    """`traits` on a synthetic-world run adds the oracle's per-column table: here the 'grid' is fresh
+    renders of the species itself in every column, so each entry is the oracle's own accuracy."""
+    import taxadiffusion.evaluation.oracle as oracle_mod
+    import taxadiffusion.evaluation.run as run_mod
+    from taxadiffusion.analysis.traits import _emergence_of
+    from taxadiffusion.datasets.synthetic import write_dataset
+    world = oracle.world
+    data = write_dataset(tmp_path / "data", TINY).parent
+    assert run_mod.data_world(data) == TINY and run_mod.data_world(tmp_path) is None
+    monkeypatch.setattr(run_mod, "run_world", lambda run: TINY if run == "synthetic" else None)
+    monkeypatch.setattr(oracle_mod, "load_or_train_oracle", lambda wc: oracle)
+    names = world.lineages[0]
+    renders = torch.from_numpy(world.render([0] * 6, seed=4)).permute(0, 3, 1, 2)
+    grid = renders.view(1, 6, 3, 32, 32).expand(5, -1, -1, -1, -1)
+    pipe = type("P", (), {"taxonomy": world.taxonomy})()
+    e = _emergence_of("synthetic", pipe, names, grid)
+    own = oracle.score(renders, [names] * 6)
+    assert e["measured"] == [pytest.approx(list(own.values()))] * 5
+    assert e["ideal"][0] == pytest.approx([1, 1 / 2, 1 / 2, 1 / 4, 1 / 12]) and e["ideal"][4] == [1.0] * 5
+    assert len(e["table"]["rows"]) == 5 and e["ranks"] == list(world.taxonomy.ranks)
+    assert _emergence_of("elsewhere", pipe, names, grid) is None          # not a synthetic run
+    assert _emergence_of("synthetic", pipe, names[:3], grid[:3]) is None  # not a species

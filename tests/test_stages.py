@@ -36,6 +36,24 @@ def test_single_stage_strategies_share_the_budget():
         select_stages(plan_stages(TrainConfig(), RANKS), "7")
 
 
+def test_unet_every_stage_keeps_the_unet_training_and_reopens_the_dropped_branches():
+    lora = plan_stages(TrainConfig(unet_every_stage=True, steps_per_stage=10), RANKS)
+    whole = plan_stages(TrainConfig(unet_every_stage=True, train_unet_stage0=True, steps_per_stage=10),
+                        RANKS)
+    for k in range(1, 5):
+        assert lora[k].train_lora and not lora[k].train_unet and lora[k].train_levels == (k,)
+        assert whole[k].train_unet and not whole[k].train_lora and whole[k].train_levels == (k,)
+        assert lora[k].p_uncond == 0.1 and lora[k].p_prefix == 0.1 and lora[k].lr == 1e-5
+    mc = ModelConfig(base="tiny", level_heads=4, level_ff=128)
+    bb = build_tiny(mc, 16)
+    cond = TaxonomyConditioner(5, 64, 2, 4, 128, 0.1, zero_init=False)
+    params = apply_stage(whole[3], bb.unet, cond)
+    ids = {id(p) for p in params}
+    assert all(id(p) in ids for p in bb.unet.parameters()) and bb.unet.training
+    assert all(id(p) in ids for p in cond.levels[3].parameters())
+    assert not any(id(p) in ids for l in (0, 1, 2, 4) for p in cond.levels[l].parameters())
+
+
 def _snapshot(*mods):
     return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(mods) for n, p in m.state_dict().items()}
 
@@ -80,3 +98,18 @@ def test_zero_init_output_projection_starts_at_zero_and_gets_a_full_gradient():
     assert (proj.levels[1].proj.weight.grad != 0).float().mean() > 0.9
     assert ln.levels[1].encoder.layers[-1].norm2.weight.grad.ne(0).all()
     assert ln.levels[1].encoder.layers[0].linear1.weight.grad.abs().max() == 0
+
+
+def test_demo_preset_trains_the_unet_in_every_stage_and_its_baseline_on_the_same_recipe():
+    """configs/demo.yaml departs from the paper in three measured ways (README); the SD presets do not."""
+    from taxadiffusion.config import load_config
+    demo = load_config("demo")
+    plan = plan_stages(demo.train, tuple(demo.data.ranks))
+    assert all(s.train_unet and not s.train_lora for s in plan) and demo.train.snr_gamma == 2
+    assert not demo.model.zero_init and sum(s.steps for s in plan) == 360
+    (flat,) = plan_stages(load_config("demo", ["train.strategy=full"]).train, tuple(demo.data.ranks))
+    assert flat.train_unet and flat.text_prompt and flat.steps == 360 and flat.lr == demo.train.lr_stage0
+    sd = load_config("sd15-fishnet")
+    sd_plan = plan_stages(sd.train, tuple(sd.data.ranks))
+    assert sd_plan[0].train_lora and not any(s.train_unet or s.train_lora for s in sd_plan[1:])
+    assert sd.train.snr_gamma is None and sd.model.zero_init

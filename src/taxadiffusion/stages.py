@@ -12,6 +12,11 @@ Single-stage strategies get the same total budget as progressive (steps_stage0 +
 so ablations compare at a fixed compute budget.
 A from-scratch (tiny) UNet has no pretrained base to adapt: with `train.train_unet_stage0` its stage 0
 (and the single stage of all/random/lora-text) trains the whole UNet instead of LoRA.
+`train.unet_every_stage` (not the paper) keeps what stage 0 trains in the UNet (LoRA, or the whole UNet)
+training in every progressive stage, beside level k: a tiny base is too weak a reader of its context
+for levels in front of a frozen UNet to change the samples (README, "What a 5-minute CPU training run
+can and cannot show"). Earlier levels stay frozen; the null and shorter-prefix branches then train
+again (p_uncond, p_prefix), since the UNet they run through changes.
 """
 from __future__ import annotations
 
@@ -53,6 +58,11 @@ def plan_stages(cfg: TrainConfig, ranks: tuple[str, ...]) -> list[Stage]:
                         p_uncond=cfg.p_uncond, p_prefix=0.0,
                         notes=("level 0 has no shorter prefix: p_prefix does not apply",))]
         for k in range(1, L):
+            if cfg.unet_every_stage:
+                stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, (k,),
+                                    not unet0, unet0, p_uncond=cfg.p_uncond, p_prefix=cfg.p_prefix,
+                                    notes=("the UNet trains in every stage (train.unet_every_stage)",)))
+                continue
             # Every shorter context (null, level 0, parent) is made of parameters frozen here, so
             # dropping to it would train nothing: those branches were trained in earlier stages.
             stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, (k,),

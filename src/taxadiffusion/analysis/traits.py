@@ -10,8 +10,16 @@ discovery application: traits emerge level by level, e.g. family -> genus -> spe
   At most `max_siblings` columns (the taxon itself is always kept); the total is returned so a
   caller can say how many were left out.
 
+- `trait_emergence`: where a judge can name every rank of an image (the synthetic world's oracle),
+  the grid read as numbers: entry [k, r] is how often column k's images (levels 0 ... k) show the
+  taxon's own rank-r ancestor. `emergence_reference` is what an ideal model scores: 1 for r <= k (the
+  condition names that rank), 1 / (rank-r descendants of the level-k ancestor) for r > k (nothing
+  says which one, so a uniform guess). Rank r's trait "appears at column r" when [r, r] reaches the
+  reference's 1 while [k, r] for k < r stays near the guess.
+
 `taxadiffusion traits RUN --taxon "Chaetodon auriga"` writes both grids (and every image) under
-RUN/analysis/traits/<taxon>/ and adds a report section.
+RUN/analysis/traits/<taxon>/ and adds a report section; on a synthetic-world run also the emergence
+table of that taxon, scored by the world's oracle.
 """
 from __future__ import annotations
 
@@ -107,6 +115,47 @@ def sibling_grid(pipe, taxon: str, n: int = 4, seed: int = 0, max_siblings: int 
     return images, [short_label(ranks, p) for p in paths], total
 
 
+def trait_emergence(predict, grids: Sequence[torch.Tensor], truth: torch.Tensor) -> torch.Tensor:
+    """(columns, ranks) accuracy over taxa and seeds: [k, r] = share of column-k images whose rank-r
+    prediction is their taxon's rank-r ancestor.
+
+    `predict` maps uint8 images (N, 3, H, W) to (N, ranks) ids (e.g. `Oracle.predict`); `grids` holds
+    one `trait_grid` output (columns, n, 3, H, W) per taxon, all with the same number of columns;
+    `truth` (taxa, ranks) the taxa's ancestor ids at every rank.
+    """
+    if len(grids) != len(truth) or not len(grids):
+        raise ValueError(f"{len(grids)} grids but {len(truth)} true lineages")
+    cols = {g.shape[0] for g in grids}
+    if len(cols) != 1:
+        raise ValueError(f"grids have different numbers of columns: {sorted(cols)}")
+    hits = []
+    for g, t in zip(grids, truth):
+        c, n = g.shape[:2]
+        pred = predict(g.reshape(c * n, *g.shape[2:])).view(c, n, -1)
+        hits.append((pred == t.view(1, 1, -1)).float().mean(1))
+    return torch.stack(hits).mean(0)
+
+
+def emergence_reference(taxonomy, lineages: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(columns, ranks): what `trait_emergence` gives for a model that renders exactly levels 0 ... k
+    and a uniformly drawn descendant below them (averaged over the lineages)."""
+    L = len(lineages[0])
+    ref = torch.zeros(L, taxonomy.num_levels)
+    for names in lineages:
+        for k in range(L):
+            for r in range(taxonomy.num_levels):
+                n = sum(1 for t in taxonomy.vocab(r) if tuple(t.path[: k + 1]) == tuple(names[: k + 1]))
+                ref[k, r] += 1.0 if r <= k else 1.0 / max(1, n)
+    return ref / len(lineages)
+
+
+def emergence_table(measured: torch.Tensor, reference: torch.Tensor, ranks: Sequence[str]) -> dict:
+    """A report table: one row per column of the grid, 'measured (ideal)' per rank."""
+    return {"columns": ["condition up to", *[f"{r} acc" for r in ranks]],
+            "rows": [[ranks[k], *[f"{measured[k, r]:.2f} ({reference[k, r]:.2f})" for r in range(len(ranks))]]
+                     for k in range(measured.shape[0])]}
+
+
 def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
     """Rows: image i (same noise across the row); columns: the first axis of `images`."""
     n, size = images.shape[1], images.shape[-1]
@@ -114,6 +163,25 @@ def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
     # at least 96 px so labels fit; at most 256 so an SD grid of 5 x 12 stays a viewable size
     return labelled_grid(rows, [f"seed {seed} #{i}" for i in range(n)], list(col_labels),
                          cell=max(96, min(size, 256)))
+
+
+def _emergence_of(run, pipe, names, levels: torch.Tensor) -> dict | None:
+    """The emergence table of one species' level grid on a synthetic-world run (its oracle), else None."""
+    from ..evaluation.run import run_world
+    world = run_world(run)
+    if world is None or len(names) != pipe.taxonomy.num_levels:
+        return None
+    from ..evaluation.oracle import load_or_train_oracle
+    oracle = load_or_train_oracle(world)
+    ranks = pipe.taxonomy.ranks
+    m = trait_emergence(oracle.predict, [levels], oracle.lineage_ids([names]))
+    ref = emergence_reference(oracle.world.taxonomy, [names])
+    return {"measured": m.tolist(), "ideal": ref.tolist(), "ranks": list(ranks),
+            "table": emergence_table(m, ref, ranks),
+            "caption": f"The synthetic world's oracle on the level grid ({levels.shape[1]} seeds a column): "
+                       "share of column k's images that show the taxon's own ancestor at each rank; in "
+                       "brackets what an ideal model scores (1 down to the conditioned rank, a uniform guess "
+                       "among the descendants below). A rank's trait appears where its column reaches 1."}
 
 
 def traits_command(a) -> list[Path]:
@@ -139,6 +207,8 @@ def traits_command(a) -> list[Path]:
     sib_png = folder / f"siblings-seed{a.seed}.png"
     _grid(sib, [short_label(ranks, p) for p in shown], a.seed).save(sib_png)
 
+    emergence = _emergence_of(a.run, pipe, names, levels)
+
     note = (f"showing {len(sib_labels)} of {total} siblings (--max-siblings {a.max_siblings}; the "
             f"taxon itself and the first others in name order)" if total > len(sib_labels) else
             f"all {total} siblings")
@@ -147,6 +217,11 @@ def traits_command(a) -> list[Path]:
                 "siblings": sib_labels, "siblings_total": total}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"wrote {lv_png} and {sib_png} ({note})")
+    if emergence is not None:
+        (folder / f"emergence-seed{a.seed}.json").write_text(json.dumps(emergence, indent=1))
+        print("oracle accuracy per column, measured (ideal):")
+        for row in emergence["table"]["rows"]:
+            print("  up to " + " | ".join(map(str, row)))
 
     if run_dir is not None:
         from ..report import rel
@@ -160,5 +235,6 @@ def traits_command(a) -> list[Path]:
              "that rank adds."},
             {"image": rel(run_dir, sib_png), "caption": f"Siblings under {parent}: " +
              ", ".join(sib_labels) + f" ({note}). The columns differ only in the last rank's name."},
+            *([{"table": emergence["table"], "caption": emergence["caption"]}] if emergence else []),
             {"pre": json.dumps(settings, indent=1)}], order=REPORT_ORDER)
     return [lv_png, sib_png]

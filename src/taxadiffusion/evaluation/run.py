@@ -40,6 +40,21 @@ def _run_config(run: Path):
         return None
 
 
+def data_world(root: str | Path | None):
+    """The synthetic world (WorldConfig) whose dataset folder is `root`, else None: the oracle exists
+    for it alone."""
+    from ..datasets.synthetic import WorldConfig
+    if root is None or not (Path(root) / "world.json").exists():
+        return None
+    return WorldConfig.load(root)
+
+
+def run_world(run: str | Path):
+    """The synthetic world a run (or checkpoint) was trained on, else None."""
+    cfg = _run_config(Path(run))
+    return data_world(cfg.data.root) if cfg is not None else None
+
+
 def real_images(taxonomy: Taxonomy, fmt: str, metadata, root, resolution: int, missing: str,
                 max_per_species: int, seed: int = 0, preprocess: str | None = None
                 ) -> tuple[dict[Taxon, torch.Tensor], dict[Taxon, list[str]], dict, Table]:
@@ -105,7 +120,7 @@ def generate(pipe, taxa: Sequence[Taxon], n: int, out: Path, settings: dict) -> 
         d = out / t.rank / "__".join(t.path).replace(" ", "_")
         files = [d / f"{i:04d}.png" for i in range(n)]
         if all(f.exists() for f in files):
-            res[t] = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+            res[t] = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                                   for f in files])
         else:
             res[t] = pipe(t, num_images=n, seed=taxon_seed(settings["seed"], t), output_type="uint8",
@@ -180,9 +195,8 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
     root = real_root or (data.root if data else None)
     scale_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
     resolution = pipe.unet.config.sample_size * scale_f
-    world_json = Path(root) / "world.json" if root else None
-    synthetic = world_json is not None and world_json.exists()
-    metrics = list(metrics or (["oracle"] if synthetic else ["fid", "lpips", "bioclip"]))
+    world = data_world(root)
+    metrics = list(metrics or (["oracle"] if world is not None else ["fid", "lpips", "bioclip"]))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; known: {METRICS}")
@@ -217,13 +231,11 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
     # -- metrics ----------------------------------------------------------------------------------------
     results: dict[str, dict] = {}
     if "oracle" in metrics:
-        from ..datasets.synthetic import WorldConfig
         from .oracle import load_or_train_oracle
-        wc = WorldConfig.from_dict(json.loads(world_json.read_text())) if synthetic else None
-        if wc is None:
+        if world is None:
             raise ValueError("the oracle exists for the synthetic world only (no world.json beside "
                              f"the data in {root})")
-        oracle = load_or_train_oracle(wc)
+        oracle = load_or_train_oracle(world)
         results["oracle"] = oracle_result(oracle, gen, real_by, tax, settings)
     if "judge" in metrics:   # trained on the real table's photos (cached): see evaluation/judge.py
         from .judge import judge_result, load_or_train_judge
