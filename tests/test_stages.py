@@ -54,6 +54,22 @@ def test_unet_every_stage_keeps_the_unet_training_and_reopens_the_dropped_branch
     assert not any(id(p) in ids for l in (0, 1, 2, 4) for p in cond.levels[l].parameters())
 
 
+def test_train_earlier_levels_keeps_levels_0_to_k_training_and_their_prefixes_on():
+    paper = plan_stages(TrainConfig(train_earlier_levels=True), RANKS)
+    with_unet = plan_stages(TrainConfig(train_earlier_levels=True, unet_every_stage=True), RANKS)
+    for k in range(1, 5):
+        assert paper[k].train_levels == with_unet[k].train_levels == tuple(range(k + 1))
+        assert not paper[k].train_lora and paper[k].p_uncond == 0 and paper[k].p_prefix == 0.1
+    mc = ModelConfig(base="tiny", level_heads=4, level_ff=128)
+    bb = build_tiny(mc, 16)
+    add_lora(bb.unet, mc)
+    cond = TaxonomyConditioner(5, 64, 2, 4, 128, 0.1, zero_init=False)
+    ids = {id(p) for p in apply_stage(paper[2], bb.unet, cond)}
+    assert all(id(p) in ids for l in (0, 1, 2) for p in cond.levels[l].parameters())
+    assert not any(id(p) in ids for l in (3, 4) for p in cond.levels[l].parameters())
+    assert not any(id(p) in ids for p in bb.unet.parameters())
+
+
 def _snapshot(*mods):
     return {f"{i}.{n}": p.detach().clone() for i, m in enumerate(mods) for n, p in m.state_dict().items()}
 

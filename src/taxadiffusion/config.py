@@ -75,6 +75,7 @@ class TrainConfig:
     lr: float = 1e-5                    # stages k >= 1, full fine-tune
     train_unet_stage0: bool = False     # a from-scratch UNet has no base: stage 0 trains it all
     unet_every_stage: bool = False      # progressive k >= 1 also train LoRA/UNet; paper: frozen (README)
+    train_earlier_levels: bool = False  # progressive k >= 1 also train levels 0..k-1; paper: frozen
     batch_size: int = 12                # per device; paper: 12 per GPU, 192 total
     gradient_accumulation_steps: int = 1
     adam_beta1: float = 0.9             # released code: AdamW defaults

@@ -15,8 +15,9 @@ A from-scratch (tiny) UNet has no pretrained base to adapt: with `train.train_un
 `train.unet_every_stage` (not the paper) keeps what stage 0 trains in the UNet (LoRA, or the whole UNet)
 training in every progressive stage, beside level k: a tiny base is too weak a reader of its context
 for levels in front of a frozen UNet to change the samples (README, "What a 5-minute CPU training run
-can and cannot show"). Earlier levels stay frozen; the null and shorter-prefix branches then train
-again (p_uncond, p_prefix), since the UNet they run through changes.
+can and cannot show"). The null and shorter-prefix branches then train again (p_uncond, p_prefix),
+since the UNet they run through changes. `train.train_earlier_levels` (not the paper) also keeps
+levels 0..k-1 training in stage k: the curriculum without the freezing.
 """
 from __future__ import annotations
 
@@ -58,15 +59,18 @@ def plan_stages(cfg: TrainConfig, ranks: tuple[str, ...]) -> list[Stage]:
                         p_uncond=cfg.p_uncond, p_prefix=0.0,
                         notes=("level 0 has no shorter prefix: p_prefix does not apply",))]
         for k in range(1, L):
+            levels = tuple(range(k + 1)) if cfg.train_earlier_levels else (k,)
             if cfg.unet_every_stage:
-                stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, (k,),
+                stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, levels,
                                     not unet0, unet0, p_uncond=cfg.p_uncond, p_prefix=cfg.p_prefix,
                                     notes=("the UNet trains in every stage (train.unet_every_stage)",)))
                 continue
             # Every shorter context (null, level 0, parent) is made of parameters frozen here, so
-            # dropping to it would train nothing: those branches were trained in earlier stages.
-            stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, (k,),
-                                notes=("p_uncond and p_prefix are 0: their branches are frozen",)))
+            # dropping to it would train nothing: those branches were trained in earlier stages
+            # (with train_earlier_levels the prefixes train those levels, so they stay on).
+            stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, levels,
+                                p_prefix=cfg.p_prefix if cfg.train_earlier_levels else 0.0,
+                                notes=("p_uncond is 0: the null branch is frozen",)))
         return stages
     if cfg.strategy in ("all", "random"):
         # records missing lower ranks (missing_ranks=keep) still train the levels they have
