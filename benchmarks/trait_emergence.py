@@ -3,7 +3,7 @@ trait appears.
 
     python benchmarks/trait_emergence.py --run runs/demo/progressive [--guidance taxa] [--n 4]
 
-For the demo's first 4 few-shot and 4 common species (demo._select_species), the trait grid (levels
+For the demo's trait species (demo.trait_species: 4 few-shot, 4 common), the trait grid (levels
 class ... species, the same `--n` seeds in every column) is sampled and scored with
 analysis.traits.trait_emergence; the ideal is analysis.traits.emergence_reference. The demo's report
 shows the same table for its progressive model; this script reads any run of the synthetic world,
@@ -27,8 +27,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="seeds per column")
     ap.add_argument("--out", default="benchmarks/results/trait_emergence")
     a = ap.parse_args()
-    from taxadiffusion.analysis.traits import emergence_reference, emergence_table, trait_emergence, trait_grid
-    from taxadiffusion.demo import N_TRAIT_SPECIES, _select_species
+    from taxadiffusion.analysis.traits import emergence_table, oracle_emergence, trait_grid
+    from taxadiffusion.demo import trait_species
     from taxadiffusion.evaluation.oracle import load_or_train_oracle
     from taxadiffusion.evaluation.run import run_world
     from taxadiffusion.sampling import load_for_sampling
@@ -39,14 +39,12 @@ def main() -> None:
     pipe, sc = load_for_sampling(a.run)
     pipe.set_progress_bar_config(disable=True)
     oracle = load_or_train_oracle(world)
-    few, common = _select_species(pipe.taxonomy)
-    species = few[: N_TRAIT_SPECIES // 2] + common[: N_TRAIT_SPECIES // 2]
+    species = trait_species(pipe.taxonomy)
     guidance = a.guidance or sc.guidance
     kw = dict(guidance=guidance, guidance_scale=sc.scale, num_inference_steps=sc.steps)
     grids = [trait_grid(pipe, " > ".join(t.path), n=a.n, seed=0, **kw)[0] for t in species]
     lineages = [t.path for t in species]
-    measured = trait_emergence(oracle.predict, grids, oracle.lineage_ids(lineages))
-    ideal = emergence_reference(oracle.world.taxonomy, lineages)
+    measured, ideal = oracle_emergence(oracle, grids, lineages)
     table = emergence_table(measured, ideal, pipe.taxonomy.ranks)
     md = [f"# Trait emergence: {a.run}, {guidance} (scale {sc.scale:g}, {sc.steps} steps)", "",
           f"{len(species)} species x {a.n} seeds a cell; measured (ideal). {time.time() - t0:.0f} s.", "",

@@ -51,6 +51,13 @@ def _select_species(tax, seed: int = 0, n_few: int = N_FEW_SHOT, n_common: int =
     return few, common
 
 
+def trait_species(tax) -> list:
+    """The species whose trait grids the oracle reads: the first N_TRAIT_SPECIES / 2 few-shot and
+    common ones of `_select_species`."""
+    few, common = _select_species(tax)
+    return few[: N_TRAIT_SPECIES // 2] + common[: N_TRAIT_SPECIES // 2]
+
+
 def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
     from .datasets.prepare import prepare
     from .datasets.synthetic import WorldConfig, write_dataset
@@ -117,8 +124,7 @@ def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
 
 
 def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
-    from .analysis.traits import (_grid, emergence_reference, emergence_table, short_label, sibling_grid,
-                                  trait_emergence, trait_grid)
+    from .analysis.traits import _grid, emergence_table, oracle_emergence, short_label, sibling_grid, trait_grid
     from .evaluation.tables import bucket_of
     from .imaging import labelled_grid
     from .sampling import load_for_sampling
@@ -144,7 +150,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
     kw = dict(guidance="taxa", guidance_scale=sc.scale, num_inference_steps=sc.steps)
     ranks = tax.ranks
     blocks, grids, lineages = [], [], []
-    for t in few[:N_TRAIT_SPECIES // 2] + common[:N_TRAIT_SPECIES // 2]:
+    for t in trait_species(tax):
         names = t.path
         imgs, _ = trait_grid(pipe, " > ".join(names), n=4, seed=0, **kw)
         grids.append(imgs)
@@ -163,8 +169,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
                     f"Its true traits: {json.dumps(traits)}"},
                    {"image": rel(out, spng), "caption": f"All {total} species of {names[-2]}, same seeds: "
                     "they should differ only in the species mark."}]
-    measured = trait_emergence(oracle.predict, grids, oracle.lineage_ids(lineages))
-    ideal = emergence_reference(oracle.world.taxonomy, lineages)
+    measured, ideal = oracle_emergence(oracle, grids, lineages)
     (out / "pictures" / "trait-emergence.json").write_text(json.dumps(
         {"species": [" > ".join(n) for n in lineages], "seeds": 4, "ranks": list(ranks),
          "measured": measured.tolist(), "ideal": ideal.tolist()}, indent=1))

@@ -58,19 +58,19 @@ def plan_stages(cfg: TrainConfig, ranks: tuple[str, ...]) -> list[Stage]:
         stages = [Stage(0, f"stage-0-{ranks[0]}", 0, 0, s0, cfg.lr_stage0, (0,), not unet0, unet0,
                         p_uncond=cfg.p_uncond, p_prefix=0.0,
                         notes=("level 0 has no shorter prefix: p_prefix does not apply",))]
+        every = cfg.unet_every_stage
         for k in range(1, L):
-            levels = tuple(range(k + 1)) if cfg.train_earlier_levels else (k,)
-            if cfg.unet_every_stage:
-                stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, levels,
-                                    not unet0, unet0, p_uncond=cfg.p_uncond, p_prefix=cfg.p_prefix,
-                                    notes=("the UNet trains in every stage (train.unet_every_stage)",)))
-                continue
-            # Every shorter context (null, level 0, parent) is made of parameters frozen here, so
-            # dropping to it would train nothing: those branches were trained in earlier stages
-            # (with train_earlier_levels the prefixes train those levels, so they stay on).
-            stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr, levels,
-                                p_prefix=cfg.p_prefix if cfg.train_earlier_levels else 0.0,
-                                notes=("p_uncond is 0: the null branch is frozen",)))
+            # Frozen UNet (the paper): every shorter context (null, level 0, parent) is made of frozen
+            # parameters, so dropping to it would train nothing; those branches were trained earlier.
+            # A UNet that trains in every stage changes all of them, and with train_earlier_levels the
+            # prefixes train those levels: then their dropout stays on.
+            stages.append(Stage(k, f"stage-{k}-{ranks[k]}", k, k, cfg.steps_per_stage, cfg.lr,
+                                tuple(range(k + 1)) if cfg.train_earlier_levels else (k,),
+                                every and not unet0, every and unet0,
+                                p_uncond=cfg.p_uncond if every else 0.0,
+                                p_prefix=cfg.p_prefix if every or cfg.train_earlier_levels else 0.0,
+                                notes=("the UNet trains in every stage (train.unet_every_stage)",) if every
+                                else ("p_uncond is 0: the null branch is frozen",)))
         return stages
     if cfg.strategy in ("all", "random"):
         # records missing lower ranks (missing_ranks=keep) still train the levels they have

@@ -165,6 +165,13 @@ def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
                          cell=max(96, min(size, 256)))
 
 
+def oracle_emergence(oracle, grids: Sequence[torch.Tensor],
+                     lineages: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(measured, ideal) of species trait grids read by a synthetic world's oracle."""
+    return (trait_emergence(oracle.predict, grids, oracle.lineage_ids(lineages)),
+            emergence_reference(oracle.world.taxonomy, lineages))
+
+
 def _emergence_of(run, pipe, names, levels: torch.Tensor) -> dict | None:
     """The emergence table of one species' level grid on a synthetic-world run (its oracle), else None."""
     from ..evaluation.run import run_world
@@ -174,8 +181,7 @@ def _emergence_of(run, pipe, names, levels: torch.Tensor) -> dict | None:
     from ..evaluation.oracle import load_or_train_oracle
     oracle = load_or_train_oracle(world)
     ranks = pipe.taxonomy.ranks
-    m = trait_emergence(oracle.predict, [levels], oracle.lineage_ids([names]))
-    ref = emergence_reference(oracle.world.taxonomy, [names])
+    m, ref = oracle_emergence(oracle, [levels], [names])
     return {"measured": m.tolist(), "ideal": ref.tolist(), "ranks": list(ranks),
             "table": emergence_table(m, ref, ranks),
             "caption": f"The synthetic world's oracle on the level grid ({levels.shape[1]} seeds a column): "
