@@ -15,7 +15,8 @@ from taxadiffusion.analysis import find_run_folder
 from taxadiffusion.analysis.attention import (LevelRecorder, attention_maps, level_contexts, level_parts,
                                               level_sum, recompose, recording)
 from taxadiffusion.analysis.embeddings import embedding_map, perplexity_for, pool_tokens
-from taxadiffusion.analysis.traits import (emergence_reference, emergence_table, sibling_grid, siblings,
+from taxadiffusion.analysis.traits import (emergence_reference, emergence_table, mean_pairwise_rms,
+                                          pixel_change_text, pixel_changes, sibling_grid, siblings,
                                           trait_emergence, trait_grid)
 from taxadiffusion.cli import main
 from taxadiffusion.sampling import load_for_sampling
@@ -107,6 +108,29 @@ def test_emergence_reference_is_one_down_to_the_condition_then_a_uniform_guess(p
     assert both[2, 3] == pytest.approx((1 / 2 + 1) / 2)
     t = emergence_table(ref, ref, ["class", "family", "genus", "species"])
     assert t["rows"][0] == ["class", "1.00 (1.00)", "0.50 (0.50)", "0.33 (0.33)", "0.25 (0.25)"]
+
+
+def test_pixel_changes_measure_columns_siblings_and_seeds():
+    # 3 columns x 2 seeds of 1 x 2 x 2 images: column 1 adds 10 everywhere, column 2 adds nothing;
+    # seed 1 is 30 above seed 0 in every column
+    g = torch.zeros(3, 2, 1, 2, 2, dtype=torch.uint8)
+    g[1:] += 10
+    g[:, 1] += 30
+    sibs = torch.stack([g[2], g[2], g[2] + 4])  # three siblings: two identical, one 4 above
+    c = pixel_changes(g, sibs)
+    assert c["column"] == pytest.approx([10.0, 0.0])
+    assert c["siblings"] == pytest.approx((0 + 4 + 4) / 3)  # pairs (0,1), (0,2), (1,2)
+    assert c["seeds"] == pytest.approx(30.0)
+    one = pixel_changes(g[:, :1], sibs[:1])  # one seed, one sibling: nothing to compare
+    assert one["siblings"] is None and one["seeds"] is None and one["column"] == pytest.approx([10.0, 0.0])
+    # RMS, not mean absolute difference: a single pixel off by 8 of 4 is sqrt(64 / 4) = 4
+    x = torch.zeros(2, 1, 1, 2, 2, dtype=torch.uint8)
+    x[1, 0, 0, 0, 0] = 8
+    assert mean_pairwise_rms(x) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_rms(x[:1])
+    assert pixel_change_text(c, ["class", "genus", "species"]).startswith(
+        "genus +10.0, species +0.0; siblings 2.7 apart at the same noise; two seeds of the taxon 30.0")
 
 
 def test_sibling_grid_columns_are_the_species_of_the_genus(pipe):
@@ -209,6 +233,8 @@ def test_commands_end_to_end(run, pipe, tmp_path, monkeypatch):
     main(["traits", str(run), "--taxon", "Corvus corax", *base])
     d = run / "analysis" / "traits" / "Corvus_corax"
     assert (d / "levels-seed0.png").is_file() and (d / "siblings-seed0.png").is_file()
+    changes = json.loads((d / "settings.json").read_text())["pixel_changes"]
+    assert len(changes["column"]) == 3 and all(v > 0 for v in changes["column"]) and changes["siblings"] > 0
     assert len(list((d / "images").glob("*.png"))) == 8
     assert "Trait discovery: species: Corvus corax" in _titles(run)
 

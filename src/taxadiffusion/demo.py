@@ -124,7 +124,8 @@ def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
 
 
 def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
-    from .analysis.traits import _grid, emergence_table, oracle_emergence, short_label, sibling_grid, trait_grid
+    from .analysis.traits import (_grid, emergence_table, oracle_emergence, pixel_change_text, pixel_changes,
+                                  short_label, sibling_grid, trait_grid)
     from .evaluation.tables import bucket_of
     from .imaging import labelled_grid
     from .sampling import load_for_sampling
@@ -168,7 +169,8 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
                     "columns are levels class ... species, rows are seeds (same noise along a row). "
                     f"Its true traits: {json.dumps(traits)}"},
                    {"image": rel(out, spng), "caption": f"All {total} species of {names[-2]}, same seeds: "
-                    "they should differ only in the species mark."}]
+                    "they should differ only in the species mark. Measured: " +
+                    pixel_change_text(pixel_changes(imgs, sib), ranks) + "."}]
     measured, ideal = oracle_emergence(oracle, grids, lineages)
     (out / "pictures" / "trait-emergence.json").write_text(json.dumps(
         {"species": [" > ".join(n) for n in lineages], "seeds": 4, "ranks": list(ranks),
