@@ -175,7 +175,8 @@ def pixel_changes(levels: torch.Tensor, sibs: torch.Tensor | None = None) -> dic
 
 
 def pixel_change_text(changes: dict, labels: Sequence[str]) -> str:
-    """'order +12.1, family +8.0, ...; siblings 0.4 apart; seeds 40.2 apart (RMS, 0-255)'."""
+    """'order +12.1, family +8.0, ...; siblings 0.4 apart at the same noise; two seeds of the taxon
+    40.2 apart (RMS over pixels, 0-255)'; `labels` name the grid's columns (the first has no change)."""
     parts = [", ".join(f"{lab} +{c:.1f}" for lab, c in zip(labels[1:], changes["column"]))]
     if changes["siblings"] is not None:
         parts.append(f"siblings {changes['siblings']:.1f} apart at the same noise")
