@@ -190,7 +190,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
         from PIL import Image
         import numpy as np
         import torch
-        imgs = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
                             for f in sorted(d.glob("*.png"))[:8]])
         real = oracle.world.render(t.path, 2, seed=(99,))
         rows.append(torch.cat([torch.from_numpy(real).permute(0, 3, 1, 2), imgs]))
