@@ -110,3 +110,37 @@ def test_taxon_seed_depends_on_lineage_only():
     a = tb.taxon_seed(0, SP["pica"])
     assert a == tb.taxon_seed(0, SP["pica"].path) and a != tb.taxon_seed(1, SP["pica"])
     assert a != tb.taxon_seed(0, SP["fakea"])
+
+
+def test_generate_saves_then_reuses_its_samples_bit_for_bit(tmp_path):
+    """evaluate's sample cache: the first call samples and writes PNGs under sample_dir, the second
+    reads them back (no sampling) as the same writable uint8 tensors."""
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    from taxadiffusion.evaluation.run import generate, sample_dir
+    calls = []
+
+    def pipe(t, num_images, seed, **kw):
+        calls.append((t, seed))
+        g = torch.Generator().manual_seed(seed)
+        return SimpleNamespace(images=torch.randint(0, 256, (num_images, 3, 8, 8), generator=g,
+                                                    dtype=torch.uint8))
+    settings = {"seed": 0, "guidance": "taxa", "guidance_scale": 3.0, "guide_level": 0,
+                "num_inference_steps": 2, "batch_size": 4}
+    taxa = [SP["corax"], SP["bubo"]]
+    first = generate(pipe, taxa, 3, tmp_path, settings)
+    assert len(calls) == 2
+    assert sorted(p.name for p in sample_dir(tmp_path, SP["corax"]).iterdir()) == [
+        "0000.png", "0001.png", "0002.png"]
+    assert sample_dir(tmp_path, SP["corax"]) == (tmp_path / "species" /
+                                                "Aves__Passeriformes__Corvidae__Corvus__corax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a read-only buffer would warn in torch.from_numpy
+        again = generate(pipe, taxa, 3, tmp_path, settings)
+    assert len(calls) == 2  # nothing sampled again
+    for t in taxa:
+        assert again[t].dtype == torch.uint8 and torch.equal(again[t], first[t])
+    again[SP["corax"]][0, 0, 0, 0] += 1  # writable memory

@@ -24,8 +24,8 @@ from .report import add_section, build_report, loss_curves, rel
 # The evaluated species: every few-shot one (<= 5 training images) up to this many, and as many
 # common ones; N_PER_SPECIES images each (DESIGN.md: at least 16 per few-shot species).
 N_FEW_SHOT, N_COMMON, N_PER_SPECIES = 8, 8, 16
-# Species whose trait grids (4 seeds x every level) the oracle reads: half few-shot, half common.
-N_TRAIT_SPECIES = 8
+# Species whose trait grids (N_TRAIT_SEEDS seeds x every level) the oracle reads: half few-shot, half common.
+N_TRAIT_SPECIES, N_TRAIT_SEEDS = 8, 4
 # Minutes one training run of configs/demo.yaml takes on our 2-core machine (measured); --minutes M
 # scales every stage's steps by M / PRESET_MINUTES.
 PRESET_MINUTES = 6.0
@@ -124,10 +124,13 @@ def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
 
 
 def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
+    import torch
+
     from .analysis.traits import (_grid, emergence_table, oracle_emergence, pixel_change_text, pixel_changes,
                                   short_label, sibling_grid, trait_grid)
     from .evaluation.tables import bucket_of
-    from .imaging import labelled_grid
+    from .evaluation.run import sample_dir
+    from .imaging import labelled_grid, read_pngs
     from .sampling import load_for_sampling
     prep = out / "prepared"
     rep = json.loads((prep / "report.json").read_text())
@@ -153,7 +156,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
     blocks, grids, lineages = [], [], []
     for t in trait_species(tax):
         names = t.path
-        imgs, _ = trait_grid(pipe, " > ".join(names), n=4, seed=0, **kw)
+        imgs, _ = trait_grid(pipe, " > ".join(names), n=N_TRAIT_SEEDS, seed=0, **kw)
         grids.append(imgs)
         lineages.append(names)
         if t not in (few[0], common[0]):  # the pictures: one few-shot and one common species
@@ -161,7 +164,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
         png = out / "pictures" / f"traits-{names[-2]}_{names[-1]}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
         _grid(imgs, [short_label(ranks, names[: l + 1]) for l in range(len(names))], 0).save(png)
-        sib, sib_labels, total = sibling_grid(pipe, " > ".join(names), n=4, seed=0, **kw)
+        sib, sib_labels, total = sibling_grid(pipe, " > ".join(names), n=N_TRAIT_SEEDS, seed=0, **kw)
         spng = out / "pictures" / f"siblings-{names[-2]}_{names[-1]}.png"
         _grid(sib, sib_labels, 0).save(spng)
         traits = oracle.world.traits(names)
@@ -173,12 +176,12 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
                     pixel_change_text(pixel_changes(imgs, sib), ranks) + "."}]
     measured, ideal = oracle_emergence(oracle, grids, lineages)
     (out / "pictures" / "trait-emergence.json").write_text(json.dumps(
-        {"species": [" > ".join(n) for n in lineages], "seeds": 4, "ranks": list(ranks),
+        {"species": [" > ".join(n) for n in lineages], "seeds": N_TRAIT_SEEDS, "ranks": list(ranks),
          "measured": measured.tolist(), "ideal": ideal.tolist()}, indent=1))
     blocks.append({"table": emergence_table(measured, ideal, ranks),
                    "caption": f"The trait grids of {len(lineages)} species ({N_TRAIT_SPECIES // 2} few-shot, "
-                   f"{N_TRAIT_SPECIES // 2} common; 4 seeds each) read by the oracle: row k is the column "
-                   "conditioned on levels class ... k; each cell is the share of its images showing the "
+                   f"{N_TRAIT_SPECIES // 2} common; {N_TRAIT_SEEDS} seeds each) read by the oracle: row k is "
+                   "the column conditioned on levels class ... k; each cell is the share of its images showing the "
                    "species' own ancestor at that rank, in brackets what an ideal model scores (1 down to "
                    "the conditioned rank, a uniform guess among the descendants below it). A rank's trait "
                    "appears at its own row when the cell rises from the guess to near 1 there."})
@@ -186,12 +189,8 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
 
     rows, labels = [], []
     for t in few[:4] + common[:4]:
-        d = out / "eval" / "progressive-taxa" / "samples" / "species" / "__".join(t.path).replace(" ", "_")
-        from PIL import Image
-        import numpy as np
-        import torch
-        imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
-                            for f in sorted(d.glob("*.png"))[:8]])
+        samples = sample_dir(out / "eval" / "progressive-taxa" / "samples", t)
+        imgs = read_pngs(sorted(samples.glob("*.png"))[:8])
         real = oracle.world.render(t.path, 2, seed=(99,))
         rows.append(torch.cat([torch.from_numpy(real).permute(0, 3, 1, 2), imgs]))
         labels.append(f"{t.binomial} ({tax.count(t)} img, {bucket_of(tax.count(t))})")

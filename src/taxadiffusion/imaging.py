@@ -26,6 +26,13 @@ def save_pngs(images: torch.Tensor, names: Sequence[str], folder: str | Path) ->
     return out
 
 
+def read_pngs(files: Sequence[str | Path]) -> torch.Tensor:
+    """The counterpart of save_pngs: uint8 (N, 3, H, W), RGB, in writable memory (np.array, not
+    np.asarray: torch warns on, and must not write to, a read-only PIL buffer)."""
+    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                        for f in files])
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict
 from ..datasets.table import Table
-from ..imaging import save_pngs
+from ..imaging import read_pngs, save_pngs
 from ..taxonomy import NONE_NAME, Taxon, Taxonomy
 from .tables import few_shot_table, table_s2, taxon_seed, write_metrics
 
@@ -110,18 +110,20 @@ def _taxa_for_level(taxonomy: Taxonomy, level: int, real: dict, max_taxa: int | 
     return taxa
 
 
+def sample_dir(out: Path, taxon: Taxon) -> Path:
+    """Where `generate` keeps a taxon's PNGs: out/<rank>/<lineage joined by __, spaces as _>/."""
+    return Path(out) / taxon.rank / "__".join(taxon.path).replace(" ", "_")
+
+
 def generate(pipe, taxa: Sequence[Taxon], n: int, out: Path, settings: dict) -> dict[Taxon, torch.Tensor]:
-    """n images per taxon, seeded per taxon; PNGs under out/<rank>/<lineage>/ reused when present."""
-    from PIL import Image
-    import numpy as np
+    """n images per taxon, seeded per taxon; PNGs under sample_dir(out, taxon) reused when present."""
     res = {}
     bar = tqdm(total=len(taxa) * n, desc="generating", unit="img")
     for t in taxa:
-        d = out / t.rank / "__".join(t.path).replace(" ", "_")
+        d = sample_dir(out, t)
         files = [d / f"{i:04d}.png" for i in range(n)]
         if all(f.exists() for f in files):
-            res[t] = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
-                                  for f in files])
+            res[t] = read_pngs(files)
         else:
             res[t] = pipe(t, num_images=n, seed=taxon_seed(settings["seed"], t), output_type="uint8",
                           progress=False, **{k: settings[k] for k in (
