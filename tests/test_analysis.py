@@ -261,3 +261,54 @@ def test_commands_end_to_end(run, pipe, tmp_path, monkeypatch):
     assert not (tmp_path / "pipe" / "report.html").exists()
     with pytest.raises(SystemExit):  # bad input: one-line error, exit 2
         main(["embeddings", str(run), "--level", "family", "--color-by", "class"])
+
+
+def test_sibling_reading_counts_own_parent_and_other_siblings():
+    """A judge that reads each image's species from its first pixel: known answers give known shares."""
+    from types import SimpleNamespace
+    from taxadiffusion.analysis.traits import sibling_reading
+    lineages = [("C", "O", "F", "G", s) for s in ("a", "b", "c")]
+    ids = {"a": 0, "b": 1, "c": 2, "x": 9}                  # x: a species outside the genus
+
+    judge = SimpleNamespace(world=SimpleNamespace(taxonomy=SimpleNamespace(
+        ranks=("class", "order", "family", "genus", "species"))),
+        lineage_ids=lambda lins: torch.tensor([[0, 0, 0, 5, ids[lin[-1]]] for lin in lins]))
+    # pixel (0, 0) of channel 0 holds the species id, of channel 0 column 1 the genus id
+    judge.predict = lambda imgs: torch.cat([torch.zeros(len(imgs), 3, dtype=torch.long),
+                                            imgs[:, 0, 0, 1:2].long(), imgs[:, 0, 0, 0:1].long()], 1)
+    sibs = torch.zeros(3, 4, 3, 8, 8, dtype=torch.uint8)
+    sibs[:, :, 0, 0, 1] = 5                                 # right genus everywhere ...
+    sibs[2, 3, 0, 0, 1] = 7                                 # ... but one image of column c
+    sibs[0, :, 0, 0, 0] = torch.tensor([0, 0, 1, 9])        # a: own, own, b's mark, outside
+    sibs[1, :, 0, 0, 0] = torch.tensor([0, 2, 2, 2])        # b: never its own; a once, c three times
+    sibs[2, :, 0, 0, 0] = 2                                 # c: always its own
+    r = sibling_reading(judge, sibs, lineages)
+    assert r["own"] == [0.5, 0.0, 1.0] and r["own_mean"] == pytest.approx(0.5) and r["guess"] == pytest.approx(1 / 3)
+    assert r["table"]["columns"] == ["sibling", "genus acc", "own species", "another sibling"]
+    assert r["table"]["rows"] == [["a", "1.00", "0.50", "0.25"], ["b", "1.00", "0.00", "1.00"],
+                                  ["c", "0.75", "1.00", "0.00"]]
+    with pytest.raises(ValueError, match="one lineage per sibling"):
+        sibling_reading(judge, sibs, lineages[:2])
+    with pytest.raises(ValueError, match="at least 2 columns"):
+        sibling_reading(judge, sibs[:1], lineages[:1])
+
+
+def test_traits_command_reads_the_sibling_grid_when_the_run_has_an_oracle(run, pipe, tmp_path, monkeypatch):
+    """On a synthetic-world run `traits` adds the oracle's sibling reading: here a judge that always
+    answers "Corvus corax", so corax's column is all its own and every sibling's is all another's."""
+    from types import SimpleNamespace
+    import taxadiffusion.analysis.traits as traits_mod
+    tax = pipe.taxonomy
+    ids = lambda lins: torch.tensor([tax.ids(tax.lookup(" > ".join(l))) for l in lins])  # noqa: E731
+    corax = ids([pipe.resolve_taxon("Corvus corax")])
+    judge = SimpleNamespace(lineage_ids=ids, world=SimpleNamespace(taxonomy=tax),
+                            predict=lambda imgs: corax.expand(len(imgs), -1))
+    monkeypatch.setattr(traits_mod, "_oracle_of", lambda run, pipe, names: judge)
+    main(["traits", str(run), "--taxon", "Corvus corax", "--n", "2", "--steps", "2", "--out", str(tmp_path)])
+    s = json.loads((tmp_path / "traits" / "Corvus_corax" / "settings.json").read_text())
+    reading, sibs = s["sibling_oracle"], s["siblings"]
+    assert len(sibs) >= 2 and reading["guess"] == pytest.approx(1 / len(sibs))
+    rows = {r[0]: r for r in reading["table"]["rows"]}
+    assert rows["corax"][1:] == ["1.00", "1.00", "0.00"]
+    assert all(r[1:] == ["1.00", "0.00", "1.00"] for name, r in rows.items() if name != "corax")
+    assert reading["own_mean"] == pytest.approx(1 / len(sibs))

@@ -123,7 +123,7 @@ def test_trait_emergence_of_a_synthetic_run_is_scored_by_its_worlds_oracle(oracl
     renders of the species itself in every column, so each entry is the oracle's own accuracy."""
     import taxadiffusion.evaluation.oracle as oracle_mod
     import taxadiffusion.evaluation.run as run_mod
-    from taxadiffusion.analysis.traits import _emergence_of
+    from taxadiffusion.analysis.traits import _emergence_of, _oracle_of
     from taxadiffusion.datasets.synthetic import write_dataset
     world = oracle.world
     data = write_dataset(tmp_path / "data", TINY).parent
@@ -134,10 +134,12 @@ def test_trait_emergence_of_a_synthetic_run_is_scored_by_its_worlds_oracle(oracl
     renders = torch.from_numpy(world.render([0] * 6, seed=4)).permute(0, 3, 1, 2)
     grid = renders.view(1, 6, 3, 32, 32).expand(5, -1, -1, -1, -1)
     pipe = type("P", (), {"taxonomy": world.taxonomy})()
-    e = _emergence_of("synthetic", pipe, names, grid)
+    e = _emergence_of(_oracle_of("synthetic", pipe, names), pipe, names, grid)
     own = oracle.score(renders, [names] * 6)
     assert e["measured"] == [pytest.approx(list(own.values()))] * 5
     assert e["ideal"][0] == pytest.approx([1, 1 / 2, 1 / 2, 1 / 4, 1 / 12]) and e["ideal"][4] == [1.0] * 5
     assert len(e["table"]["rows"]) == 5 and e["ranks"] == list(world.taxonomy.ranks)
-    assert _emergence_of("elsewhere", pipe, names, grid) is None          # not a synthetic run
-    assert _emergence_of("synthetic", pipe, names[:3], grid[:3]) is None  # not a species
+    assert _oracle_of("elsewhere", pipe, names) is None          # not a synthetic run
+    assert _oracle_of("synthetic", pipe, names[:3]) is None      # not a species
+    assert _emergence_of(None, pipe, names, grid) is None
+

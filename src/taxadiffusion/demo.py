@@ -127,7 +127,7 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
     import torch
 
     from .analysis.traits import (_grid, emergence_table, oracle_emergence, pixel_change_text, pixel_changes,
-                                  short_label, sibling_grid, trait_grid)
+                                  short_label, shown_siblings, sibling_grid, sibling_reading, trait_grid)
     from .evaluation.tables import bucket_of
     from .evaluation.run import sample_dir
     from .imaging import labelled_grid, read_pngs
@@ -167,13 +167,16 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
         sib, sib_labels, total = sibling_grid(pipe, " > ".join(names), n=N_TRAIT_SEEDS, seed=0, **kw)
         spng = out / "pictures" / f"siblings-{names[-2]}_{names[-1]}.png"
         _grid(sib, sib_labels, 0).save(spng)
+        shown = shown_siblings(pipe, " > ".join(names))[0]
+        own = "" if len(shown) < 2 else ("; the oracle names each column's own species in {own_mean:.2f} of its "
+                                         "images (guess {guess:.2f})").format(**sibling_reading(oracle, sib, shown))
         traits = oracle.world.traits(names)
         blocks += [{"image": rel(out, png), "caption": f"{t.binomial} ({tax.count(t)} training images): "
                     "columns are levels class ... species, rows are seeds (same noise along a row). "
                     f"Its true traits: {json.dumps(traits)}"},
                    {"image": rel(out, spng), "caption": f"All {total} species of {names[-2]}, same seeds: "
                     "they should differ only in the species mark. Measured: " +
-                    pixel_change_text(pixel_changes(imgs, sib), ranks) + "."}]
+                    pixel_change_text(pixel_changes(imgs, sib), ranks) + own + "."}]
     measured, ideal = oracle_emergence(oracle, grids, lineages)
     (out / "pictures" / "trait-emergence.json").write_text(json.dumps(
         {"species": [" > ".join(n) for n in lineages], "seeds": N_TRAIT_SEEDS, "ranks": list(ranks),

@@ -21,9 +21,12 @@ discovery application: traits emerge level by level, e.g. family -> genus -> spe
   siblings are apart at the same noise, and, for scale, how far two seeds of one taxon are apart.
   A level whose change is near 0 adds nothing the UNet renders; siblings near 0 are one picture.
 
+- `sibling_reading`: a species' sibling grid read by the oracle: per column how often it shows its
+  own species (against the guess 1 / siblings), the right genus, or another sibling's mark.
+
 `taxadiffusion traits RUN --taxon "Chaetodon auriga"` writes both grids (and every image) under
 RUN/analysis/traits/<taxon>/ and adds a report section; on a synthetic-world run also the emergence
-table of that taxon, scored by the world's oracle.
+table and the sibling reading of that taxon, scored by the world's oracle.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ from . import output_folder, publish, sample_settings
 
 MAX_SIBLINGS = 12
 REPORT_ORDER = 60
+SIBLING_CAPTION = ("The synthetic world's oracle on the sibling grid: per column the share of its images "
+                   "with the right parent, showing the column's own species, and showing another shown "
+                   "sibling. Own {own:.2f} on average against a guess of {guess:.2f}: siblings differ only "
+                   "in their own rank's trait, so only that trait can lift a column above the guess.")
 
 
 def level_label(ranks: Sequence[str], names: Sequence[str]) -> str:
@@ -208,14 +215,46 @@ def oracle_emergence(oracle, grids: Sequence[torch.Tensor],
             emergence_reference(oracle.world.taxonomy, lineages))
 
 
-def _emergence_of(run, pipe, names, levels: torch.Tensor) -> dict | None:
-    """The emergence table of one species' level grid on a synthetic-world run (its oracle), else None."""
+def sibling_reading(oracle, sibs: torch.Tensor, lineages: Sequence[Sequence[str]]) -> dict:
+    """A species' sibling grid (siblings, n, 3, H, W) read by a synthetic world's oracle, one row per
+    column: the share of its images showing the right genus, its own species, and another shown sibling.
+    `lineages`: the columns' whole lineages (species).
+
+    Congeneric species differ only in their mark, so "own" well above the guess (1 / number of
+    siblings, for images with the right genus) means the mark separates them; "another sibling" high
+    means the column draws a sibling's mark (e.g. the genus's most common one)."""
+    if len(sibs) != len(lineages) or len(sibs) < 2:
+        raise ValueError(f"need one lineage per sibling column and at least 2 columns, got {len(sibs)} "
+                         f"columns and {len(lineages)} lineages")
+    truth = oracle.lineage_ids(lineages)                    # (siblings, ranks)
+    rows, own = [], []
+    for k, (imgs, t) in enumerate(zip(sibs, truth)):
+        pred = oracle.predict(imgs)                         # (n, ranks)
+        others = torch.cat([truth[:k, -1], truth[k + 1:, -1]])
+        hit = (pred[:, -1] == t[-1]).float().mean().item()
+        own.append(hit)
+        rows.append([lineages[k][-1], f"{(pred[:, -2] == t[-2]).float().mean():.2f}", f"{hit:.2f}",
+                     f"{torch.isin(pred[:, -1], others).float().mean():.2f}"])
+    ranks = oracle.world.taxonomy.ranks
+    return {"own": own, "own_mean": sum(own) / len(own), "guess": 1 / len(sibs),
+            "table": {"columns": ["sibling", f"{ranks[-2]} acc", f"own {ranks[-1]}", "another sibling"],
+                      "rows": rows}}
+
+
+def _oracle_of(run, pipe, names):
+    """The synthetic world's oracle of a run when `names` is a whole lineage, else None."""
     from ..evaluation.run import run_world
     world = run_world(run)
     if world is None or len(names) != pipe.taxonomy.num_levels:
         return None
     from ..evaluation.oracle import load_or_train_oracle
-    oracle = load_or_train_oracle(world)
+    return load_or_train_oracle(world)
+
+
+def _emergence_of(oracle, pipe, names, levels: torch.Tensor) -> dict | None:
+    """The emergence table of one species' level grid read by `oracle` (None: no oracle)."""
+    if oracle is None:
+        return None
     ranks = pipe.taxonomy.ranks
     m, ref = oracle_emergence(oracle, [levels], [names])
     return {"measured": m.tolist(), "ideal": ref.tolist(), "ranks": list(ranks),
@@ -249,7 +288,9 @@ def traits_command(a) -> list[Path]:
     sib_png = folder / f"siblings-seed{a.seed}.png"
     _grid(sib, [short_label(ranks, p) for p in shown], a.seed).save(sib_png)
 
-    emergence = _emergence_of(a.run, pipe, names, levels)
+    oracle = _oracle_of(a.run, pipe, names)
+    emergence = _emergence_of(oracle, pipe, names, levels)
+    reading = sibling_reading(oracle, sib, shown) if oracle is not None and len(shown) > 1 else None
     changes = pixel_changes(levels, sib)
     change_text = pixel_change_text(changes, ranks[: len(names)])
 
@@ -258,7 +299,8 @@ def traits_command(a) -> list[Path]:
             f"all {total} siblings")
     settings = {"run": str(a.run), "taxon": " > ".join(names), "n": a.n, "seed": a.seed,
                 "scheduler": type(pipe.scheduler).__name__, **kw, "levels": labels,
-                "siblings": sib_labels, "siblings_total": total, "pixel_changes": changes}
+                "siblings": sib_labels, "siblings_total": total, "pixel_changes": changes,
+                "sibling_oracle": reading}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"wrote {lv_png} and {sib_png} ({note})")
     print("pixel change per column: " + change_text)
@@ -267,6 +309,11 @@ def traits_command(a) -> list[Path]:
         print("oracle accuracy per column, measured (ideal):")
         for row in emergence["table"]["rows"]:
             print("  up to " + " | ".join(map(str, row)))
+    if reading is not None:
+        print(f"oracle on the sibling grid (own {ranks[-1]}: mean {reading['own_mean']:.2f}, "
+              f"guess {reading['guess']:.2f}):")
+        for row in reading["table"]["rows"]:
+            print("  " + " | ".join(map(str, row)))
 
     if run_dir is not None:
         from ..report import rel
@@ -283,5 +330,7 @@ def traits_command(a) -> list[Path]:
             {"text": "What each column changes, without a judge: " + change_text + ". A column near 0 "
              "adds nothing the model renders; siblings near 0 are one picture under several names."},
             *([{"table": emergence["table"], "caption": emergence["caption"]}] if emergence else []),
+            *([{"table": reading["table"], "caption": SIBLING_CAPTION.format(
+                own=reading["own_mean"], guess=reading["guess"])}] if reading else []),
             {"pre": json.dumps(settings, indent=1)}], order=REPORT_ORDER)
     return [lv_png, sib_png]
