@@ -142,4 +142,3 @@ def test_trait_emergence_of_a_synthetic_run_is_scored_by_its_worlds_oracle(oracl
     assert _oracle_of("elsewhere", pipe, names) is None          # not a synthetic run
     assert _oracle_of("synthetic", pipe, names[:3]) is None      # not a species
     assert _emergence_of(None, pipe, names, grid) is None
-
