@@ -50,11 +50,13 @@ def main() -> None:
     measured, ideal = oracle_emergence(oracle, grids, lineages)
     table = emergence_table(measured, ideal, pipe.taxonomy.ranks)
     # the sibling grids read the same way: does each species' column show its own mark?
-    readings = {}
+    readings, own_column = {}, {}
     for t in species:
         name = " > ".join(t.path)
+        shown = shown_siblings(pipe, name)[0]
         sib, _, _ = sibling_grid(pipe, name, n=a.n, seed=0, **kw)
-        readings[name] = sibling_reading(oracle, sib, shown_siblings(pipe, name)[0])
+        readings[name] = sibling_reading(oracle, sib, shown)
+        own_column[name] = readings[name]["own"][shown.index(tuple(t.path))]
     md = [f"# Trait emergence: {a.run}, {guidance} (scale {sc.scale:g}, {sc.steps} steps)", "",
           f"{len(species)} species x {a.n} seeds a cell; measured (ideal). {time.time() - t0:.0f} s.", "",
           "| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
@@ -63,9 +65,10 @@ def main() -> None:
            "own column, on average over the genus's columns, and the guess (1 / siblings).", "",
            "| species | training images | own column | mean over siblings | guess |", "|---|---|---|---|---|"]
     for t in species:
-        r = readings[" > ".join(t.path)]
-        own = r["own"][[row[0] for row in r["table"]["rows"]].index(t.path[-1])]
-        md.append(f"| {t.binomial} | {pipe.taxonomy.count(t)} | {own:.2f} | {r['own_mean']:.2f} | {r['guess']:.2f} |")
+        name = " > ".join(t.path)
+        r = readings[name]
+        md.append(f"| {t.binomial} | {pipe.taxonomy.count(t)} | {own_column[name]:.2f} | {r['own_mean']:.2f} | "
+                  f"{r['guess']:.2f} |")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{Path(a.run).resolve().name}-{guidance}"

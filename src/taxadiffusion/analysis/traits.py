@@ -286,7 +286,7 @@ def traits_command(a) -> list[Path]:
         save_pngs(imgs, [f"{slug(p[-1])}-seed{a.seed}-{i:04d}" for i in range(a.n)],
                   folder / "siblings")
     sib_png = folder / f"siblings-seed{a.seed}.png"
-    _grid(sib, [short_label(ranks, p) for p in shown], a.seed).save(sib_png)
+    _grid(sib, sib_labels, a.seed).save(sib_png)
 
     oracle = _oracle_of(a.run, pipe, names)
     emergence = _emergence_of(oracle, pipe, names, levels)
