@@ -15,7 +15,8 @@ from taxadiffusion.analysis import find_run_folder
 from taxadiffusion.analysis.attention import (LevelRecorder, attention_maps, level_contexts, level_parts,
                                               level_sum, recompose, recording)
 from taxadiffusion.analysis.embeddings import embedding_map, perplexity_for, pool_tokens
-from taxadiffusion.analysis.traits import (emergence_reference, emergence_table, mean_pairwise_rms,
+from taxadiffusion.analysis.traits import (column_guide_level, emergence_reference, emergence_table,
+                                          mean_pairwise_rms,
                                           pixel_change_text, pixel_changes, sibling_grid, siblings,
                                           trait_emergence, trait_grid)
 from taxadiffusion.cli import main
@@ -81,6 +82,31 @@ def test_trait_grid_levels_by_seeds(pipe):
     # below the species: a genus grid has the genus's first three columns
     genus, glabels = trait_grid(pipe, "Corvus", 3, 5, **KW)
     assert glabels == LINEAGE[:3] and torch.equal(genus, images[:3])
+
+
+def test_a_guide_level_holds_below_it_and_columns_above_guide_against_their_parent(run, pipe, tmp_path):
+    """`--guide-level 2` (the genus of class > family > genus > species): the class and family columns
+    cannot guide against the genus, so they guide against their parent (the same images as with
+    guide level 0 for the family column), the genus column against the family, the species column and
+    its siblings against the genus (other images than guide level 0)."""
+    assert [column_guide_level(2, lvl) for lvl in range(4)] == [0, 0, 1, 2]
+    assert [column_guide_level(0, lvl) for lvl in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=">= 0"):
+        column_guide_level(-1, 2)
+    kw = {**KW, "guidance_scale": 30.0, "num_inference_steps": 3}  # a large scale: references differ visibly
+    g0, _ = trait_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=0)
+    g2, _ = trait_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=2)
+    assert torch.equal(g2[:2], g0[:2])
+    assert (g2[2:].int() - g0[2:].int()).abs().float().mean() > 0.5
+    s0 = sibling_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=0)[0]
+    assert not torch.equal(sibling_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=2)[0], s0)
+    assert torch.equal(sibling_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=3)[0],
+                       sibling_grid(pipe, "Corvus corax", 2, 5, **kw, guide_level=2)[0])
+    main(["traits", str(run), "--taxon", "Corvus corax", "--n", "1", "--steps", "2",
+          "--guide-level", "2", "--out", str(tmp_path)])
+    settings = json.loads((tmp_path / "traits" / "Corvus_corax" / "settings.json").read_text())
+    assert settings["guide_level"] == 2
+    assert settings["reference_levels"] == {"levels": [None, 0, 1, 2], "siblings": 2}
 
 
 def test_trait_emergence_counts_hits_per_column_and_rank():

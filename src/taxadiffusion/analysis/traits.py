@@ -64,17 +64,30 @@ def short_label(ranks: Sequence[str], names: Sequence[str]) -> str:
     return names[-1]
 
 
+def column_guide_level(guide_level: int, level: int) -> int:
+    """TaxaGuide's reference level for a column sampled at `level`: the requested one where it is an
+    ancestor of the column, else the column's parent (level - 1). A grid runs from the top rank down,
+    so `--guide-level 3` (guide against the genus) cannot hold for the class ... genus columns; they
+    guide against their parent instead (level 0 is CFG in any case: pipeline.reference)."""
+    if guide_level < 0:
+        raise ValueError(f"guide_level must be >= 0, got {guide_level}")
+    return min(guide_level, max(level - 1, 0))
+
+
 def trait_grid(pipe, taxon: str, n: int = 4, seed: int = 0,
                **sample_kw) -> tuple[torch.Tensor, list[str]]:
     """(images (levels, n, 3, H, W) uint8, one label per level) for levels 0 ... the taxon's.
 
-    `sample_kw` goes to the pipeline (guidance, guidance_scale, num_inference_steps, ...). The same
-    `seed` at every level: image i has the same initial and per-step noise in every column.
+    `sample_kw` goes to the pipeline (guidance, guidance_scale, num_inference_steps, ...); a
+    `guide_level` applies where the column allows it (`column_guide_level`). The same `seed` at every
+    level: image i has the same initial and per-step noise in every column.
     """
     names = pipe.resolve_taxon(taxon)
     lineage = " > ".join(names)
     kw = {"progress": False, **sample_kw, "output_type": "uint8"}
-    images = torch.stack([pipe(lineage, level=lvl, num_images=n, seed=seed, **kw).images
+    guide = kw.pop("guide_level", 0)
+    images = torch.stack([pipe(lineage, level=lvl, num_images=n, seed=seed,
+                               guide_level=column_guide_level(guide, lvl), **kw).images
                           for lvl in range(len(names))])
     ranks = pipe.taxonomy.ranks
     return images, [level_label(ranks, names[: lvl + 1]) for lvl in range(len(names))]
@@ -117,10 +130,11 @@ def sibling_grid(pipe, taxon: str, n: int = 4, seed: int = 0, max_siblings: int 
     """(images (siblings, n, 3, H, W) uint8, labels, total number of siblings).
 
     Columns are `shown_siblings` (so `len(labels) < total` means some were left out, and the caller
-    should say so); the same `seed` in every column.
+    should say so); the same `seed` in every column; `guide_level` as in `trait_grid`.
     """
     paths, total = shown_siblings(pipe, taxon, max_siblings)
     kw = {"progress": False, **sample_kw, "output_type": "uint8"}
+    kw["guide_level"] = column_guide_level(kw.get("guide_level", 0), len(paths[0]) - 1)
     images = torch.stack([pipe(" > ".join(p), num_images=n, seed=seed, **kw).images for p in paths])
     ranks = pipe.taxonomy.ranks
     return images, [short_label(ranks, p) for p in paths], total
@@ -273,6 +287,16 @@ def traits_command(a) -> list[Path]:
     ranks = pipe.taxonomy.ranks
     folder, run_dir = output_folder(a.run, "traits", a.out)
     folder = folder / slug(" ".join(names[-2:]))
+    guides = None
+    if kw["guidance"] == "taxa":  # per column the reference actually used (None: CFG at the top rank)
+        guides = {"levels": [column_guide_level(kw["guide_level"], lvl) if lvl else None
+                             for lvl in range(len(names))],
+                  "siblings": column_guide_level(kw["guide_level"], len(names) - 1) if len(names) > 1 else None}
+        moved = [ranks[lvl] for lvl in range(1, len(names)) if guides["levels"][lvl] != kw["guide_level"]]
+        if moved:
+            print(f"note: --guide-level {kw['guide_level']} is not above the {', '.join(moved)} column(s); "
+                  "they guide against their parent instead" +
+                  (", and so does the sibling grid" if ranks[len(names) - 1] in moved else ""))
 
     levels, labels = trait_grid(pipe, a.taxon, a.n, a.seed, **kw)
     for lvl, imgs in enumerate(levels):
@@ -299,7 +323,8 @@ def traits_command(a) -> list[Path]:
             f"all {total} siblings")
     settings = {"run": str(a.run), "taxon": " > ".join(names), "n": a.n, "seed": a.seed,
                 "scheduler": type(pipe.scheduler).__name__, **kw, "levels": labels,
-                "siblings": sib_labels, "siblings_total": total, "pixel_changes": changes,
+                "siblings": sib_labels, "siblings_total": total, "reference_levels": guides,
+                "pixel_changes": changes,
                 "sibling_oracle": reading}
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"wrote {lv_png} and {sib_png} ({note})")
