@@ -16,9 +16,8 @@ from taxadiffusion.analysis.attention import (LevelRecorder, attention_maps, lev
                                               level_sum, recompose, recording)
 from taxadiffusion.analysis.embeddings import embedding_map, perplexity_for, pool_tokens
 from taxadiffusion.analysis.traits import (column_guide_level, emergence_reference, emergence_table,
-                                          mean_pairwise_rms,
-                                          pixel_change_text, pixel_changes, sibling_grid, siblings,
-                                          trait_emergence, trait_grid)
+                                          mean_pairwise_rms, pixel_change_text, pixel_changes,
+                                          sibling_grid, siblings, trait_emergence, trait_grid)
 from taxadiffusion.cli import main
 from taxadiffusion.sampling import load_for_sampling
 
