@@ -131,7 +131,8 @@ def caption_ceiling(bb, cache, scale: float, steps: int, n: int = 8) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", action="append", help="'builtin' or a base folder; repeat to compare")
+    ap.add_argument("--base", action="append", help="a shipped base's name (tinybase.BUILTIN: builtin, "
+                    "builtin-3600) or a folder; repeat to compare")
     ap.add_argument("--n", type=int, default=64, help="captions (one sample each)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 6.0])
     ap.add_argument("--steps", type=int, default=20)

@@ -1,6 +1,7 @@
 """The pretrained tiny base: trait captions, pretraining output, and the checks when loading it."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +64,24 @@ def test_continued_pretraining_starts_from_the_parent_and_records_it(tmp_path):
     # a parent made for another architecture is refused, as any base is (backbone.load_tiny_base)
     with pytest.raises(ValueError, match="text_width"):
         pretrain(dataclasses.replace(SMALL, text_width=64), steps=1, out=tmp_path / "x", init=parent)
+
+
+def test_shipped_bases_are_named_and_the_continued_one_records_its_chain():
+    """`builtin-3600` (README ninth set) is the shipped base trained 3 x 1,200 steps further: it loads
+    into the demo's architecture, differs from `builtin`, and its recipe names each link back to it."""
+    from taxadiffusion.config import load_config
+    from taxadiffusion.tinybase import ASSET, BUILTIN, base_dir
+    assert base_dir("builtin") == ASSET and base_dir("/some/folder") == Path("/some/folder")
+    cfg = load_config("demo", ["model.pretrained_unet=builtin-3600"]).model
+    chain, r = [], json.loads((BUILTIN["builtin-3600"] / "recipe.json").read_text())
+    while r:
+        chain.append((r["seed"], r["steps"]))
+        r = r.get("init")
+    assert chain == [(1237, 1200), (1236, 1200), (1235, 1200), (1234, 3500)]
+    assert chain[-1] == (json.loads((ASSET / "recipe.json").read_text())["seed"],
+                         json.loads((ASSET / "recipe.json").read_text())["steps"])
+    continued = build_tiny(cfg, 32).unet.state_dict()
+    shipped = build_tiny(dataclasses.replace(cfg, pretrained_unet="builtin"), 32).unet.state_dict()
+    saved = load_file(BUILTIN["builtin-3600"] / "unet.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in continued.items())
+    assert any(not torch.equal(v, shipped[k]) for k, v in continued.items())

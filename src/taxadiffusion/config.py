@@ -37,7 +37,7 @@ class ModelConfig:
     base: str = "sd15"                  # sd15: SD v1.5 weights; tiny: built in code; sd15-random: SD shapes, random
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # local folder or hub id (cache only)
     # tiny backbone (base: tiny); the measured CPU model of DESIGN.md
-    pretrained_unet: str | None = None  # tiny: "builtin" (shipped synthetic-world base, tinybase.py) or a folder
+    pretrained_unet: str | None = None  # tiny: "builtin" / "builtin-3600" (shipped bases, tinybase.BUILTIN) or a folder
     pixel_space: bool = True            # tiny: diffuse pixels (no VAE)
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1

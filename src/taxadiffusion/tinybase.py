@@ -18,8 +18,13 @@ captions is measured by benchmarks/base_text_following.py, e.g. for 2,400 more m
         --seed 1235 --ema-decay 0.999 --snr-gamma 5 --out runs/tiny-base-2
 
 The result ships with the package (assets/tiny-base: UNet safetensors + JSON recipe, ~7 MB) and is
-loaded by `model.pretrained_unet: builtin` (backbone.load_tiny_base). The tiny text encoder is not
-shipped: it is rebuilt from its seed and checked against the fingerprint recorded at pretraining.
+loaded by `model.pretrained_unet: builtin` (backbone.load_tiny_base). A second one ships for the
+trait-discovery figure (`builtin-3600`, assets/tiny-base-3600): that base trained 3 x 1,200 steps
+further, each step of the chain `--init <previous> --steps 1200 --ema-decay 0.999 --snr-gamma 5` with
+seeds 1235, 1236, 1237 (31 min each at one thread; its recipe.json records the chain; the last link's
+"mark_weight": 0.0 is an option of the time, since removed, that was off). The demo stays on `builtin`.
+The tiny text encoder is not shipped: it is rebuilt from its seed and checked against the fingerprint
+recorded at pretraining.
 """
 from __future__ import annotations
 
@@ -39,14 +44,21 @@ from .config import ModelConfig, load_config
 from .datasets.synthetic import BODIES, GENERA, MARKS, ORDERS, WorldConfig, _traits, render_options
 
 ASSET = Path(__file__).parent / "assets" / "tiny-base"
+# the shipped bases by name (model.pretrained_unet); any other value is a folder
+BUILTIN = {
+    "builtin": ASSET,  # 3,500 caption steps: the demo's base
+    # + 3 x 1,200 min-SNR caption steps (recipe.json's "init" chain, seeds 1235-1237; README, eighth
+    # set): the base on which `all` draws the species mark at the species column (ninth set)
+    "builtin-3600": ASSET.parent / "tiny-base-3600",
+}
 HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
         "magenta", "pink")
 ASPECT = {1.3: "short", 1.6: "medium", 1.9: "long"}
 
 
 def base_dir(pretrained_unet: str) -> Path:
-    """The folder of a base named in `model.pretrained_unet`: "builtin" (shipped) or a path."""
-    return ASSET if pretrained_unet == "builtin" else Path(pretrained_unet)
+    """The folder of a base named in `model.pretrained_unet`: a BUILTIN name (shipped) or a path."""
+    return BUILTIN.get(pretrained_unet, Path(pretrained_unet))
 
 
 def caption(row: np.ndarray, hue0: float) -> str:
