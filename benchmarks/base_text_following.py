@@ -19,7 +19,6 @@ Writes benchmarks/results/base_text_following.json and .md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -71,20 +70,11 @@ def sample_cfg(bb, ctx: torch.Tensor, null: torch.Tensor, scale: float, steps: i
 
 @torch.no_grad()
 def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) -> dict:
-    from taxadiffusion.backbone import build_tiny, module_fingerprint
-    from taxadiffusion.conditioning import TextEmbeddingCache
-    from taxadiffusion.config import load_config
-    from taxadiffusion.datasets.synthetic import WorldConfig, render_options
-    from taxadiffusion.tinybase import TINY_KEYS, base_dir, caption, random_rows
-    # the base's own model settings (its recipe), e.g. a base made with another text encoder init
-    recipe = json.loads((base_dir(base) / "recipe.json").read_text())
-    mc = dataclasses.replace(load_config("demo").model, pretrained_unet=base,
-                             **{k: v for k, v in recipe["model"].items() if k in TINY_KEYS})
-    bb = build_tiny(mc, 32)
+    from taxadiffusion.datasets.synthetic import render_options
+    from taxadiffusion.tinybase import caption, open_base, pixels, pretraining_world, random_rows
+    bb, cache = open_base(base)  # with the base's own model settings (its recipe)
     unet = bb.unet.eval()
-    cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder))
-    wc = WorldConfig(seed=1234)
-    hue0 = float(np.random.default_rng(wc.seed).random())
+    wc, hue0 = pretraining_world()
     rows = random_rows(np.random.default_rng(seed), n)
     ctx = cache.encode([caption(r, hue0) for r in rows])
     null = cache.encode([""]).expand(n, -1, -1)
@@ -93,7 +83,7 @@ def measure(base: str, n: int, scales: list[float], steps: int, seed: int = 11) 
            "floor_render_vs_render": hue_error(hue_angles(render_options(rows, wc, hue0, seed=(seed, 2))),
                                                target)}
     # loss ratio on real renders, one noise draw per timestep
-    x0 = torch.from_numpy(render_options(rows, wc, hue0, seed=(seed, 3))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = pixels(render_options(rows, wc, hue0, seed=(seed, 3)))
     res["loss_ratio_shuffled_over_right"] = {}
     for t in (300, 600, 850):
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t))

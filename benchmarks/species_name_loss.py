@@ -48,20 +48,19 @@ def main() -> None:
 
     from taxadiffusion.backbone import min_snr_weight
     from taxadiffusion.datasets.synthetic import make_world
-    from taxadiffusion.evaluation.run import run_world
+    from taxadiffusion.evaluation.run import _run_config, data_world
     from taxadiffusion.sampling import load_for_sampling
+    from taxadiffusion.tinybase import pixels
     t0 = time.time()
-    world_cfg = run_world(a.run)
+    run_cfg = _run_config(Path(a.run))  # what run_world reads; here its train and model settings too
+    world_cfg = data_world(run_cfg.data.root) if run_cfg is not None else None
     if world_cfg is None:
         raise SystemExit(f"{a.run} was not trained on the synthetic world (no world.json beside its data)")
     world = make_world(world_cfg)
     pipe, _ = load_for_sampling(a.run, device="cpu")
     if pipe.conditioner is None:
         raise SystemExit(f"{a.run} is a flat text baseline: it has no level contexts to compare")
-    from taxadiffusion.checkpoint import resolve_checkpoint
-    from taxadiffusion.config import from_dict
-    run_cfg = from_dict(json.loads((resolve_checkpoint(Path(a.run)) / "config.json").read_text()))
-    gamma, cfg_model = run_cfg.train.snr_gamma, run_cfg.model
+    gamma, base = run_cfg.train.snr_gamma, run_cfg.model.pretrained_unet
     train_sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the training schedule of the run
     unet = pipe.unet.eval()
     genera: dict[tuple, list[tuple]] = {}
@@ -79,9 +78,9 @@ def main() -> None:
             ctx = {lin: pipe.context(lin) for lin in species}
             parent = pipe.context(g)
             for lin in species:
-                x0 = to_x(world.render(lin, a.n, seed=7))
+                x0 = pixels(world.render(lin, a.n, seed=7))
                 others = [o for o in species if o != lin]
-                masks = [(to_x(world.render_swap(lin, o, a.n, seed=7)) != x0).any(1, keepdim=True).float()
+                masks = [(pixels(world.render_swap(lin, o, a.n, seed=7)) != x0).any(1, keepdim=True).float()
                          for o in others]
                 union = torch.stack(masks).amax(0)
                 for t in TIMESTEPS:
@@ -104,13 +103,13 @@ def main() -> None:
                     par = err(parent)
                     acc[t]["genus_all"].append(float(par.mean() / own.mean()))
                     acc[t]["genus_mark"].append(on(par, union) / on(own, union))
-    words = base_words_reference(cfg_model, TIMESTEPS) if cfg_model.pretrained_unet else None
+    words = base_words_reference(base, TIMESTEPS) if base else None
     weights = min_snr_weight(train_sched, torch.tensor(TIMESTEPS), gamma)
     rows = [{"t": t, "snr_weight": float(w), **{k: float(np.mean(v)) for k, v in acc[t].items()}}
             for t, w in zip(TIMESTEPS, weights)]
     name = Path(a.run).resolve().name
     res = {"run": str(a.run), "snr_gamma": gamma, "genera": [" ".join(g[-1:]) for g, _ in chosen],
-           "species_per_genus": 4, "n": a.n, "rows": rows, "base": cfg_model.pretrained_unet,
+           "species_per_genus": 4, "n": a.n, "rows": rows, "base": base,
            "base_words": words, "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
     print(f"{a.run}: loss(other context) / loss(own context), {len(chosen)} genera x 4 species x {a.n} "
           f"images; min-SNR weight with gamma {gamma}")
@@ -119,7 +118,7 @@ def main() -> None:
         print(f"  {r['t']:3d}  {r['snr_weight']:.3f}   {r['sibling_all']:.4f}  {r['sibling_mark']:.4f}"
               f"          {r['genus_all']:.4f}  {r['genus_mark']:.4f}")
     if words:
-        print(f"its base ({cfg_model.pretrained_unet}) given the mark in words: loss(other mark's words) / "
+        print(f"its base ({base}) given the mark in words: loss(other mark's words) / "
               "loss(own caption)")
         print("    t  image   marks")
         for r in words:
@@ -130,35 +129,24 @@ def main() -> None:
     print(f"wrote {out / (name + '.json')} ({res['seconds']:.0f} s)")
 
 
-def to_x(imgs):
-    """uint8 (N, H, W, 3) renders -> float (N, 3, H, W) in [-1, 1], the pixel-space model's input."""
-    import torch
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def base_words_reference(model_cfg, timesteps, n: int = 64) -> list[dict]:
+def base_words_reference(base: str, timesteps, n: int = 64) -> list[dict]:
     """The tiny base told the mark in words: per timestep loss(another mark's words) / loss(own caption),
     image and mark pixels, on n random trait combinations of its pretraining world (tinybase.pretrain)."""
     import numpy as np
     import torch
 
-    from taxadiffusion.backbone import build_tiny, load_tiny_base, module_fingerprint
-    from taxadiffusion.conditioning import TextEmbeddingCache
-    from taxadiffusion.datasets.synthetic import MARKS, WorldConfig, render_options
-    from taxadiffusion.tinybase import caption, random_rows
-    wc = WorldConfig(seed=1234)                                   # the pretraining world (tinybase.py)
-    bb = build_tiny(model_cfg, wc.image_size, seed=0)
-    load_tiny_base(model_cfg, bb.unet, bb.text_encoder)
+    from taxadiffusion.datasets.synthetic import MARKS, render_options
+    from taxadiffusion.tinybase import caption, open_base, pixels, pretraining_world, random_rows
+    bb, cache = open_base(base)
     unet, sched = bb.unet.eval(), bb.noise_scheduler
-    cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder))
-    hue0 = float(np.random.default_rng(wc.seed).random())
+    wc, hue0 = pretraining_world()
     rng = np.random.default_rng(5)
     rows = random_rows(rng, n)
     swap = rows.copy()
     swap[:, 4] = (rows[:, 4] + rng.integers(1, len(MARKS), n)) % len(MARKS)  # always another mark
 
-    x0 = to_x(render_options(rows, wc, hue0, seed=99))
-    mark = (to_x(render_options(swap, wc, hue0, seed=99)) != x0).any(1, keepdim=True).float().expand_as(x0)
+    x0 = pixels(render_options(rows, wc, hue0, seed=99))
+    mark = (pixels(render_options(swap, wc, hue0, seed=99)) != x0).any(1, keepdim=True).float().expand_as(x0)
     own, other = (cache.encode([caption(r, hue0) for r in rr]) for rr in (rows, swap))
     gen, out = torch.Generator().manual_seed(0), []
     with torch.no_grad():

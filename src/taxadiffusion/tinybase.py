@@ -29,6 +29,7 @@ recorded at pretraining.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -61,6 +62,29 @@ def base_dir(pretrained_unet: str) -> Path:
     return BUILTIN.get(pretrained_unet, Path(pretrained_unet))
 
 
+def pretraining_world() -> tuple[WorldConfig, float]:
+    """(world config, hue0) of pretraining: another world than the demo's (seed 0), so other trait
+    combinations; hue0 fixes its hue words whatever the run's seed."""
+    wc = WorldConfig(seed=1234)
+    return wc, float(np.random.default_rng(wc.seed).random())
+
+
+def pixels(imgs: np.ndarray) -> torch.Tensor:
+    """uint8 renders (N, H, W, 3) -> (N, 3, H, W) in [-1, 1], the pixel-space UNet's input."""
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def open_base(name: str):
+    """(tiny backbone with the base `name` loaded, text-embedding cache): built with the base's own
+    model settings from its recipe (e.g. a base made with another text encoder init), checked as any
+    base is (backbone.load_tiny_base)."""
+    recipe = json.loads((base_dir(name) / "recipe.json").read_text())
+    mc = dataclasses.replace(load_config("demo").model, pretrained_unet=name,
+                             **{k: v for k, v in recipe["model"].items() if k in TINY_KEYS})
+    bb = build_tiny(mc, pretraining_world()[0].image_size)
+    return bb, TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder))
+
+
 def caption(row: np.ndarray, hue0: float) -> str:
     """Trait words for one row of trait options (body, order, family, genus, species)."""
     t = _traits(row, hue0)
@@ -89,13 +113,12 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
     al. 2023, diffusers' --snr_gamma), which moves weight from nearly clean steps, where the caption
     hardly matters, to the noisy ones where colour and body plan are decided.
     """
-    import dataclasses
     from diffusers.training_utils import EMAModel
     from safetensors.torch import save_file
     # random init, or `init` loaded and checked against this config as any base is (load_tiny_base)
     model_cfg = dataclasses.replace(model_cfg, pretrained_unet=None if init is None else str(init))
     torch.manual_seed(seed)
-    wc = WorldConfig(seed=1234)  # another world than the demo's (seed 0): other trait combinations
+    wc, hue0 = pretraining_world()
     bb = build_tiny(model_cfg, wc.image_size, seed=0)
     unet, sched = bb.unet.train(), bb.noise_scheduler
     parent = None if init is None else json.loads((Path(init) / "recipe.json").read_text())
@@ -106,12 +129,11 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
     ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     rng.random()  # a discarded draw: keeps seed 1234's data order that of the first shipped base
-    hue0 = float(np.random.default_rng(wc.seed).random())  # the world's hue words, whatever `seed`
     bar, losses, t0 = tqdm(range(steps), desc="pretraining tiny base"), [], time.time()
     for step in bar:
         rows = random_rows(rng, batch_size)
         imgs = render_options(rows, wc, hue0, seed=(seed, step))
-        x0 = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x0 = pixels(imgs)
         caps = [caption(r, hue0) for r in rows]
         ctx = cache.encode(caps)
         drop = torch.rand(batch_size, generator=g) < p_uncond  # CFG's null branch, as SD was trained
