@@ -70,7 +70,7 @@ def test_shipped_bases_are_named_and_the_continued_one_records_its_chain():
     """`builtin-3600` (README ninth set) is the shipped base trained 3 x 1,200 steps further: it loads
     into the demo's architecture, differs from `builtin`, and its recipe names each link back to it."""
     from taxadiffusion.config import load_config
-    from taxadiffusion.tinybase import ASSET, BUILTIN, base_dir
+    from taxadiffusion.tinybase import ASSET, BUILTIN, base_dir, open_base
     assert base_dir("builtin") == ASSET and base_dir("/some/folder") == Path("/some/folder")
     cfg = load_config("demo", ["model.pretrained_unet=builtin-3600"]).model
     chain, r = [], json.loads((BUILTIN["builtin-3600"] / "recipe.json").read_text())
@@ -85,3 +85,7 @@ def test_shipped_bases_are_named_and_the_continued_one_records_its_chain():
     saved = load_file(BUILTIN["builtin-3600"] / "unet.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in continued.items())
     assert any(not torch.equal(v, shipped[k]) for k, v in continued.items())
+    # open_base (the benchmarks' way in) builds the same model from the base's recipe, with a text cache
+    bb, cache = open_base("builtin-3600")
+    assert all(torch.equal(v, saved[k]) for k, v in bb.unet.state_dict().items())
+    assert cache.encode(["red fish"]).shape == (1, 77, cfg.text_width)
