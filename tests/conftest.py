@@ -41,3 +41,17 @@ def _threads():
     # pytest -n 2 on a 2-core machine: one thread per worker avoids oversubscription
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tmp_path_factory) -> Path:
+    """A tiny random SD v1.5 stand-in in exact diffusers format (tests/sdstub.py), BPE tokenizer files."""
+    from sdstub import write_sd15_stub
+    return write_sd15_stub(tmp_path_factory.mktemp("sd15") / "sd15", "bpe")
+
+
+@pytest.fixture(scope="session")
+def sd15_json_dir(tmp_path_factory) -> Path:
+    """The same stand-in with tokenizer.json only, as current transformers saves a tokenizer."""
+    from sdstub import write_sd15_stub
+    return write_sd15_stub(tmp_path_factory.mktemp("sd15j") / "sd15", "json")

@@ -128,22 +128,26 @@ def load_sd15(cfg: ModelConfig, torch_dtype: torch.dtype = torch.float32) -> Bac
 
 
 # -- tiny parts built in code ----------------------------------------------------------------------------
-def clip_tokenizer() -> CLIPTokenizer:
-    """SD v1.5's tokenizer, rebuilt offline from the CLIP BPE merges that open_clip's wheel ships.
-
-    Same vocabulary as openai/clip-vit-large-patch14 (49408 tokens), model_max_length 77, padding
-    with <|endoftext|> as SD v1.5's tokenizer does (tests/test_backbone.py compares to open_clip).
-    """
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (49408 tokens) and merges, rebuilt offline from the merges file that
+    open_clip's wheel ships: the same slice open_clip's SimpleTokenizer takes (49152 - 256 - 2 merges
+    after the header), the same token order as openai/clip-vit-large-patch14's vocab.json."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
     bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    # the same slice open_clip's SimpleTokenizer takes: 49152 - 256 - 2 merges after the header
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """SD v1.5's tokenizer (`clip_vocabulary`), model_max_length 77, padding with <|endoftext|> as
+    SD v1.5's tokenizer does (tests/test_backbone.py compares to open_clip)."""
+    vocab, merges = clip_vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def tiny_unet(cfg: ModelConfig, resolution: int, in_channels: int) -> UNet2DConditionModel:
