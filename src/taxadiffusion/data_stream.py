@@ -98,7 +98,8 @@ def cache_model_inputs(table, taxonomy, backbone, resolution: int, device, accel
                 ids.append(row)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
-        save_file({"inputs": torch.cat(xs), "ids": torch.stack(ids)}, tmp,
+        # the VAE's mid-block attention returns a non-contiguous latent (SD v1.5's VAE too)
+        save_file({"inputs": torch.cat(xs).contiguous(), "ids": torch.stack(ids).contiguous()}, tmp,
                   metadata={"bad": json.dumps(bad)})
         tmp.replace(f)
     accelerator.wait_for_everyone()

@@ -213,7 +213,8 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Model space -> image in [-1, 1]."""
         if self.vae is None:
             return x.clamp(-1, 1)
-        return self.vae.decode(x / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        x = (x / self.vae.config.scaling_factor).to(self.vae.dtype)  # the VAE may be in another dtype
+        return self.vae.decode(x).sample.float().clamp(-1, 1)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, **_) -> None:
