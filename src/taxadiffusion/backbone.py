@@ -29,9 +29,11 @@ SD15_PARTS = {  # subfolder -> files that must exist (safetensors only: loading 
     "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
     "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
     "text_encoder": ["config.json", "model.safetensors"],
-    "tokenizer": ["vocab.json", "merges.txt"],
     "scheduler": ["scheduler_config.json"],
 }
+# a tokenizer folder holds the BPE files (the SD v1.5 snapshot on the hub) or tokenizer.json alone
+# (what current transformers saves); CLIPTokenizer reads either
+TOKENIZER_LAYOUTS = (["tokenizer.json"], ["vocab.json", "merges.txt"])
 # SD v1.5's UNet: diffusers' UNet2DConditionModel defaults with 768-d CLIP-L context, 64x64 latents.
 SD15_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768,
                         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -103,11 +105,15 @@ def resolve_sd15(path_or_id: str) -> Path:
                 f"(it fills that cache), or pass model.pretrained=/path/to/folder.") from e
     missing = [f"{sub}/{f}" for sub, files in SD15_PARTS.items() for f in files
                if not (root / sub / f).exists()]
+    if not any(all((root / "tokenizer" / f).exists() for f in lay) for lay in TOKENIZER_LAYOUTS):
+        missing.append("tokenizer/tokenizer.json (or tokenizer/vocab.json + tokenizer/merges.txt)")
     if missing:
+        subs = " ".join(f"'{m.split('/')[0]}/*'" for m in dict.fromkeys(m.split("/")[0] + "/"
+                                                                        for m in missing))
         raise FileNotFoundError(
             f"Stable Diffusion v1.5 folder {root} lacks {', '.join(missing)}. We load safetensors "
-            f"only; get the files with `huggingface-cli download stable-diffusion-v1-5/"
-            f"stable-diffusion-v1-5 {' '.join(missing)}` into that folder.")
+            f"only; on a machine with internet run `huggingface-cli download stable-diffusion-v1-5/"
+            f"stable-diffusion-v1-5 --include {subs} --local-dir {root}`.")
     return root
 
 

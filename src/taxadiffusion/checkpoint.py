@@ -6,7 +6,8 @@ A checkpoint folder (runs/<name>/checkpoints/<stage-k-rank>/step-<n> or .../fina
   (tiny), text_encoder/ + tokenizer/ (+ vae/) for a tiny backbone, scheduler/ (the one noise
   schedule), taxonomy.json and config.json (the resolved run config);
 - what resuming needs: state.json (stage, step, data position), optimizer.safetensors + .json,
-  ema.safetensors, rng.safetensors (torch RNG and the step generator), lr_scheduler in state.json.
+  ema.safetensors, rng.safetensors (every rank's torch, CUDA and step-generator state),
+  lr_scheduler and the fp16 GradScaler in state.json.
 SD v1.5 base weights are not copied: config.json names where they come from.
 """
 from __future__ import annotations
@@ -39,7 +40,11 @@ def save_lora(unet, d: Path) -> None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionLoraLoaderMixin.save_lora_weights(d, unet_lora_layers=layers, safe_serialization=True)
+    # the adapter config (r, lora_alpha, targets) travels in the file's metadata, as diffusers'
+    # training scripts write it, so any loader (ours, diffusers' load_lora_weights) scales by alpha / r
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        d, unet_lora_layers=layers, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -63,10 +68,24 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def rng_state(generator: torch.Generator | None = None) -> dict[str, bytes]:
+    """This process's random state: torch's CPU RNG, the current CUDA device's (dropout on a GPU
+    draws from it), and the loop's step generator; bytes, so ranks can gather them as objects."""
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        st["generator"] = generator.get_state()
+    return {k: v.numpy().tobytes() for k, v in st.items()}
+
+
 def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, conditioner, backbone,
                     save_unet: bool, state: dict, optimizer=None, ema=None, lr_scheduler=None,
-                    generator: torch.Generator | None = None) -> Path:
-    """Write everything to `d` through a temporary folder renamed at the end (atomic)."""
+                    rng_states: list[dict[str, bytes]] | None = None, scaler=None) -> Path:
+    """Write everything to `d` through a temporary folder renamed at the end (atomic).
+
+    `rng_states`: every rank's `rng_state()` in rank order (rng.safetensors keys "<kind>.<rank>"),
+    so that after a resume each rank draws its own noise again; `scaler`: fp16's GradScaler."""
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -96,9 +115,11 @@ def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, condition
     if lr_scheduler is not None:
         state["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items()
                                  if k != "lr_lambdas"}
-    rng = {"torch": torch.get_rng_state()}
-    if generator is not None:
-        rng["generator"] = generator.get_state()
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
+    rng = {f"{k}.{r}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
+           for r, st in enumerate(rng_states or [rng_state()]) for k, b in st.items()}
+    state["world_size"] = len(rng_states or [None])
     save_file(rng, tmp / "rng.safetensors")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     if d.exists():
@@ -108,7 +129,8 @@ def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, condition
 
 
 def load_training_state(d: Path, optimizer=None, ema=None, lr_scheduler=None,
-                        generator: torch.Generator | None = None) -> dict:
+                        generator: torch.Generator | None = None, rank: int = 0, scaler=None) -> dict:
+    """Restore what `save_checkpoint` wrote into live objects; this rank's random state."""
     state = json.loads((d / STATE_FILE).read_text())
     if optimizer is not None and (d / "optimizer.safetensors").exists():
         meta = json.loads((d / "optimizer.json").read_text())
@@ -119,10 +141,18 @@ def load_training_state(d: Path, optimizer=None, ema=None, lr_scheduler=None,
         ema.optimization_step = state["ema"]["optimization_step"]
     if lr_scheduler is not None and "lr_scheduler" in state:
         lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     rng = load_file(d / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if generator is not None and "generator" in rng:
-        generator.set_state(rng["generator"])
+    if f"torch.{rank}" not in rng:
+        raise ValueError(f"{d / 'rng.safetensors'} holds the random state of "
+                         f"{state.get('world_size', 1)} process(es), none for rank {rank}: resume "
+                         f"with the number of processes that wrote it")
+    torch.set_rng_state(rng[f"torch.{rank}"])
+    if f"cuda.{rank}" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[f"cuda.{rank}"])
+    if generator is not None and f"generator.{rank}" in rng:
+        generator.set_state(rng[f"generator.{rank}"])
     return state
 
 

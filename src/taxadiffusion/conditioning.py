@@ -149,8 +149,12 @@ class TaxonomyConditioner(ModelMixin, ConfigMixin):
         out = embeds.new_zeros(B, *embeds.shape[2:])
         for l in range(L):
             k = keep[:, l]
-            if not k.any():
-                continue  # a level nobody keeps costs nothing (stage k never runs levels > k)
+            # a frozen level nobody keeps costs nothing (stage k never runs levels > k); a level that
+            # trains always runs, so each of its parameters gets a gradient (zero when no sample
+            # keeps it) on every rank: DDP reduces every trainable parameter at every step
+            trains = torch.is_grad_enabled() and next(self.levels[l].parameters()).requires_grad
+            if not k.any() and not trains:
+                continue
             enc = self.levels[l](embeds[:, l])
             out = out + enc * k[:, None, None].to(enc.dtype)
         none = ~keep.any(dim=1)

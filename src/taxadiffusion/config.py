@@ -85,7 +85,10 @@ class TrainConfig:
     lr_warmup_steps: int = 0            # released code: constant lr
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None      # min-SNR loss weighting (diffusers' --snr_gamma); paper: plain MSE
-    mixed_precision: str = "no"         # no | fp16 | bf16 (trainable parameters stay fp32)
+    # no | fp16 | bf16; None: the launcher's (`accelerate launch --mixed_precision`), else fp32 as
+    # released. Frozen parts run in it; trainable parameters and checkpoints stay fp32.
+    mixed_precision: str | None = None
+    report_to: str = "tensorboard"      # tensorboard | wandb | none (accelerate trackers)
     gradient_checkpointing: bool = False
     p_uncond: float = 0.1               # drop every level: trains the CFG branch
     p_prefix: float = 0.1               # cut to a shorter lineage: trains TaxaGuide's reference

@@ -1,11 +1,12 @@
 """The training loop, top to bottom (paper Sec. 3.3, Table S1; DESIGN.md).
 
 `train(cfg)` runs the stages of the plan (stages.py) one after another on accelerate: devices,
-mixed precision (trainable parameters stay fp32), gradient accumulation, DDP/FSDP/DeepSpeed, sharding
-by global rank. Everything a step needs is cached up front: text embeddings of every taxon prompt
+mixed precision (trainable parameters stay fp32), gradient accumulation, DDP across processes and
+nodes, sharding by global rank, trackers (tensorboard, wandb). Everything a step needs is cached up front: text embeddings of every taxon prompt
 (the text encoder never runs in the loop) and, optionally, every image's latent (or pixels).
 Resuming (`resume="latest"`) restores weights, optimizer, EMA, RNG and the position in the data stream,
-so a killed run continues exactly as if it had not stopped (tests/test_resume.py).
+so a killed run continues exactly as if it had not stopped, every rank with its own random state
+(tests/test_resume.py, tests/test_sd_path.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .backbone import (add_lora, base_parameters, build_backbone, cache_root, min_snr_weight,
                        module_fingerprint)
-from .checkpoint import list_checkpoints, load_model_state, load_training_state, save_checkpoint
+from .checkpoint import (list_checkpoints, load_model_state, load_training_state, rng_state,
+                         save_checkpoint)
 from .conditioning import TaxonomyConditioner, TextEmbeddingCache, gather_embeddings, sample_keep
 from .config import Config, save_config
 from .data_stream import StreamSampler, cache_model_inputs
@@ -30,7 +32,7 @@ from .stages import apply_stage, plan_stages, select_stages
 
 def train(cfg: Config, resume: str | None = None) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -40,19 +42,25 @@ def train(cfg: Config, resume: str | None = None) -> Path:
 
     # -- run folder, accelerator, seed ---------------------------------------------------------------
     run = Path(tc.output_dir) / cfg.name
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=tc.strategy == "random")
+    if tc.report_to not in TRACKERS:
+        raise ValueError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {tc.report_to!r}")
     # several processes and no GPU (torchrun or `accelerate launch --cpu`): accelerate only builds a
     # gloo process group when told the run is on the CPU
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(mixed_precision=tc.mixed_precision, log_with="tensorboard", project_dir=run,
-                      gradient_accumulation_steps=tc.gradient_accumulation_steps,
-                      kwargs_handlers=[ddp], cpu=multi_cpu)
+    # mixed_precision None: accelerate reads the launcher's setting (ACCELERATE_MIXED_PRECISION)
+    acc = Accelerator(mixed_precision=tc.mixed_precision,
+                      log_with=None if tc.report_to == "none" else tc.report_to,
+                      project_config=ProjectConfiguration(project_dir=run, logging_dir=run / "logs"),
+                      gradient_accumulation_steps=tc.gradient_accumulation_steps, cpu=multi_cpu)
     main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
     set_seed(tc.seed)  # same initial weights on every rank
     if main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
-    log = _Logger(run, main)
+    log = _Logger(run, main, acc)
+    log(f"accelerate: {world} process(es) on {acc.device}, mixed precision {acc.mixed_precision}")
+    if tc.report_to != "none":
+        acc.init_trackers(cfg.name, config=_flat_config(cfg))
 
     # -- data: validated table, taxonomy ---------------------------------------------------------------
     table = read_table(cfg.data.format, cfg.data.metadata, cfg.data.root, ranks=cfg.data.ranks,
@@ -66,7 +74,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     res = cfg.data.resolution
 
     # -- model: backbone, LoRA, conditioner ------------------------------------------------------------
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     bb = build_backbone(mc, res, seed=tc.seed)
     unet, device = bb.unet, acc.device
     plan = plan_stages(tc, taxonomy.ranks)
@@ -102,6 +110,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             log(f"images: {len(bad)} unreadable, excluded and counted: " + ", ".join(bad[:5]))
     else:
         ids_all = dataset.ids
+    # one held-out-noise batch for the whole run, so its loss is comparable across stages: a
+    # zero-init stage k starts exactly where stage k-1 ended (records lacking a level use their
+    # shorter lineage there)
+    valid = (ids_all[:, 0] >= 0).nonzero().squeeze(1)
+    fixed = _fixed_batch(valid, inputs, dataset, ids_all, bb, tc.seed, tc.fixed_batch) \
+        if tc.fixed_batch > 0 else None
 
     # -- where to start: a fresh run or the latest checkpoint ----------------------------------------------
     start_stage, start_ckpt = stages[0].index, None
@@ -148,7 +162,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         gen = torch.Generator().manual_seed(tc.seed * 1000 + stage.index * 10 + rank)
         step = 0
         if start_ckpt is not None and stage.index == start_stage:
-            step = load_training_state(start_ckpt, optimizer, ema, lr_sched, gen)["step"]
+            step = load_training_state(start_ckpt, optimizer, ema, lr_sched, gen, rank=rank,
+                                       scaler=acc.scaler)["step"]
             start_ckpt = None
         train_mods = [m for m in (unet, conditioner) if m is not None and
                       any(p.requires_grad for p in m.parameters())]
@@ -160,13 +175,12 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         accum = tc.gradient_accumulation_steps
         sampler = StreamSampler(len(has), tc.batch_size, rank, world, seed=tc.seed + stage.index,
                                 start=step * accum)
-        fixed = _fixed_batch(has, inputs, dataset, ids_all, bb, tc.seed, tc.fixed_batch) \
-            if tc.fixed_batch > 0 else None
         batches = _batches(sampler, has, inputs, dataset, ids_all, cfg.data.num_workers)
         stage_dir = run / "checkpoints" / stage.name
 
         def ckpt(name: str, complete: bool = False) -> None:
             acc.wait_for_everyone()
+            rngs = gather_object([rng_state(gen)])  # every rank's own state, in rank order
             if main:
                 save_checkpoint(stage_dir / name, cfg=cfg, taxonomy=taxonomy, unet=acc.unwrap_model(run_unet),
                                 conditioner=conditioner, backbone=bb,
@@ -175,7 +189,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                                        "complete": complete, "fixed_loss": log.last_fixed},
                                 optimizer=None if complete else opt.optimizer,
                                 ema=None if complete else ema,
-                                lr_scheduler=lr_sched, generator=gen)
+                                lr_scheduler=lr_sched, rng_states=rngs, scaler=acc.scaler)
                 _prune(stage_dir, tc.keep_checkpoints)
             acc.wait_for_everyone()
 
@@ -194,7 +208,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
             # -- one optimizer step: `accum` micro-batches -----------------------------------------
             for _ in range(accum):
                 x0, ids = next(batches)
-                x0 = _to_model_space(x0.to(device), bb, weight_dtype, cached=inputs is not None)
+                x0 = _to_model_space(x0.to(device), bb, weight_dtype, inputs is not None, gen)
                 noise = torch.randn(x0.shape, generator=gen).to(device, weight_dtype)
                 t = torch.randint(0, bb.noise_scheduler.config.num_train_timesteps, (len(ids),),
                                   generator=gen).to(device)
@@ -237,7 +251,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 fixed_loss()
                 if main and tc.validation_seeds > 0:
                     with _ema_weights(ema, params):
-                        _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log)
+                        _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log, acc)
         bar.close()
         # -- stage end: EMA weights become the stage's result; the next stage builds on them ------------
         if ema is not None:
@@ -246,18 +260,32 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         _rank_record(run, stage, rank, params, sampler)
         ckpt("final", complete=True)
         if main and tc.validation_seeds > 0:
-            _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log)
+            _validation_grid(run, stage, step, cfg, bb, unet, conditioner, taxonomy, log, acc)
         acc.free_memory()
     acc.end_training()
     return run
 
 
 # -- helpers of the loop -------------------------------------------------------------------------------
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+def _flat_config(cfg: Config) -> dict:
+    """The run config as tracker hyperparameters: one level of dotted keys, scalar values only
+    (tensorboard's hparams take no lists or None)."""
+    out = {}
+    for sec, d in cfg.to_dict().items():
+        for k, v in (d.items() if isinstance(d, dict) else [("", d)]):
+            key = f"{sec}.{k}" if k else sec
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 class _Logger:
     """log.txt and metrics.jsonl on the main process; tensorboard through accelerate."""
 
-    def __init__(self, run: Path, main: bool):
-        self.run, self.main, self.last_fixed = run, main, None
+    def __init__(self, run: Path, main: bool, acc=None):
+        self.run, self.main, self.last_fixed, self.acc = run, main, None, acc
 
     def __call__(self, msg: str) -> None:
         if self.main:
@@ -270,8 +298,11 @@ class _Logger:
             rec = {**rec, "time": time.time()}
             with open(self.run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            acc.log({f"{rec['stage']}/{k}": v for k, v in rec.items()
-                     if isinstance(v, (int, float)) and k != "step"}, step=rec["step"])
+            scalars = {f"{rec['stage']}/{k}": v for k, v in rec.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "time")}
+            for l, g in enumerate(rec.get("level_gains", [])):
+                scalars[f"{rec['stage']}/level_gain/{l}"] = g
+            acc.log(scalars, step=rec["step"])
 
     def fixed(self, stage: str, step: int, loss: float) -> None:
         """Loss on a fixed batch with fixed noise and timesteps: comparable across steps."""
@@ -281,6 +312,8 @@ class _Logger:
                 f.write(json.dumps({"stage": stage, "step": step, "fixed_loss": loss,
                                     "time": time.time()}) + "\n")
             self(f"{stage} step {step}: fixed-batch loss {loss:.5f}")
+            if self.acc is not None:
+                self.acc.log({f"{stage}/fixed_loss": loss}, step=step)
 
 
 def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int):
@@ -305,11 +338,17 @@ def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int):
         yield b["pixels"], b["ids"]
 
 
-def _to_model_space(x: torch.Tensor, bb, dtype: torch.dtype, cached: bool) -> torch.Tensor:
+def _to_model_space(x: torch.Tensor, bb, dtype: torch.dtype, cached: bool,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Cached inputs as they are; else pixels through the VAE, its posterior sampled from
+    `generator` (never the global RNG, which DataLoader iterators also draw from: resuming replays
+    the generator exactly)."""
     if cached or bb.vae is None:
         return x.to(dtype)
     with torch.no_grad():
-        lat = bb.vae.encode(x.to(bb.vae.dtype)).latent_dist.sample()
+        dist = bb.vae.encode(x.to(bb.vae.device, bb.vae.dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        lat = dist.mean + dist.std * eps
     return (lat * bb.vae.config.scaling_factor).to(dtype)
 
 
@@ -320,7 +359,7 @@ def _fixed_batch(has, inputs, dataset, ids_all, bb, seed: int, n: int = 64) -> d
         x = inputs[idx].float()
     else:
         x = _to_model_space(torch.stack([dataset[(int(i), 0)]["pixels"] for i in idx]), bb,
-                            torch.float32, cached=False)
+                            torch.float32, False, g).float().cpu()
     noise = torch.randn(x.shape, generator=g)
     t = torch.randint(0, bb.noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
     return {"x": x, "ids": ids_all[idx], "noise": noise, "t": t}
@@ -374,7 +413,8 @@ class _ema_weights:
 
 
 @torch.no_grad()
-def _validation_grid(run: Path, stage, step: int, cfg: Config, bb, unet, conditioner, taxonomy, log):
+def _validation_grid(run: Path, stage, step: int, cfg: Config, bb, unet, conditioner, taxonomy, log,
+                     acc):
     """One row per level (0..stage level) of the most common species, the same seeds in each row,
     drawn by the public pipeline (DDIM, 25 steps)."""
     from .imaging import labelled_grid
@@ -399,8 +439,16 @@ def _validation_grid(run: Path, stage, step: int, cfg: Config, bb, unet, conditi
         m.train(mode)
     f = run / "samples" / stage.name / f"step-{step:07d}.png"
     f.parent.mkdir(parents=True, exist_ok=True)
-    labelled_grid(rows, labels, [f"seed {i}" for i in range(cfg.train.validation_seeds)]).save(f)
+    grid = labelled_grid(rows, labels, [f"seed {i}" for i in range(cfg.train.validation_seeds)])
+    grid.save(f)
     log(f"validation grid: {f}")
+    import numpy as np
+    for tracker in acc.trackers:  # the grid as an image beside the loss curves
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(f"{stage.name}/validation", np.asarray(grid.convert("RGB")), step,
+                                     dataformats="HWC")
+        else:
+            tracker.log_images({f"{stage.name}/validation": [grid]}, step=step)
 
 
 def _rank_record(run: Path, stage, rank: int, params, sampler) -> None:
