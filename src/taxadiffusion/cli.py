@@ -72,6 +72,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples/<taxon>)")
     p.add_argument("--all-levels", action="store_true",
                    help="trait-discovery row: the same seeds at every level from 0 to the taxon's")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="Stable Diffusion v1.5 folder (or hub id) of an SD-based run, instead of "
+                        "its config's model.pretrained (when the folder moved)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
@@ -102,9 +105,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--scheduler", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fid-weights", default=None, help="FID Inception weights file")
-    p.add_argument("--alexnet-weights", default=None, help="AlexNet weights for LPIPS")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="FID Inception weights file (default: torch hub's cache)")
+    p.add_argument("--alexnet-weights", default=None, metavar="PATH",
+                   help="AlexNet weights for LPIPS (default: torch hub's cache)")
     p.add_argument("--bioclip", default=None, help="BioCLIP: hf-hub:imageomics/bioclip (cache) or a folder")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="Stable Diffusion v1.5 folder (or hub id) of an SD-based run, instead of "
+                        "its config's model.pretrained (when the folder moved)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/<settings>)")
     p.add_argument("--device", default=None)
 

@@ -5,8 +5,10 @@ pipeline folder without a run config uses the paper's defaults (SampleConfig).
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,23 +27,91 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str | None = None):
-    """(pipeline on its device, SampleConfig of the run or the paper's defaults)."""
+def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str | None = None,
+                      pretrained: str | None = None, pretrained_option: str | None = None):
+    """(pipeline on its device, SampleConfig of the run or the paper's defaults).
+
+    `pretrained`: the Stable Diffusion v1.5 folder (or hub id) an SD-based run loads its frozen base
+    from, instead of its config's model.pretrained (the folder moved, or another machine).
+    `pretrained_option`: how the running command lets the user give it ("--pretrained" for sample and
+    evaluate), named in the error when the SD base is missing; None: commands without such an option,
+    whose error says to edit the checkpoint's config.json instead."""
     from .checkpoint import resolve_checkpoint
     from .pipeline import PIPELINE_FILE, TaxaDiffusionPipeline
     run = Path(run)
     if (run / PIPELINE_FILE).exists():
+        if pretrained:
+            raise ValueError(f"{pretrained_option or 'pretrained'}: {run} is a saved pipeline, which "
+                             f"carries every part it needs; it applies to runs and checkpoints only")
         sc = SampleConfig()
         pipe = TaxaDiffusionPipeline.from_pretrained(run, scheduler=scheduler or sc.scheduler)
+        return pipe.to(pick_device(device)), sc
+    ckpt = resolve_checkpoint(run)
+    raw = json.loads((ckpt / "config.json").read_text())
+    cfg = from_dict(raw)
+    sc = cfg.sample
+    if cfg.model.base != "sd15":
+        if pretrained:
+            raise ValueError(f"{pretrained_option or 'pretrained'}: {run} was trained on the "
+                             f"{cfg.model.base!r} backbone, whose checkpoint carries every part; only "
+                             f"runs on Stable Diffusion v1.5 (model.base: sd15) load a base folder")
     else:
-        ckpt = resolve_checkpoint(run)
-        sc = from_dict(json.loads((ckpt / "config.json").read_text())).sample
+        _check_sd_base(run, ckpt, cfg.model.pretrained, pretrained, pretrained_option)
+    if cfg.model.base == "sd15" and pretrained and pretrained != cfg.model.pretrained:
+        with tempfile.TemporaryDirectory() as tmp:
+            view = _checkpoint_view(ckpt, raw, pretrained, Path(tmp))
+            pipe = TaxaDiffusionPipeline.from_checkpoint(view, scheduler=scheduler or sc.scheduler)
+    else:
         pipe = TaxaDiffusionPipeline.from_checkpoint(ckpt, scheduler=scheduler or sc.scheduler)
     return pipe.to(pick_device(device)), sc
 
 
+def _check_sd_base(run: Path, ckpt: Path, configured: str, pretrained: str | None,
+                   option: str | None) -> None:
+    """Find the SD v1.5 base before loading, so a moved folder fails with what this command accepts
+    (backbone.resolve_sd15's own message names train's model.pretrained= override)."""
+    from .backbone import resolve_sd15
+    src = pretrained or configured
+    try:
+        resolve_sd15(src)
+    except FileNotFoundError as e:
+        if Path(src).expanduser().is_dir():
+            raise  # the folder is there but lacks files: that message lists them
+        from huggingface_hub import constants
+        where = (f"{option} {src!r}" if pretrained else
+                 f"{src!r}, the model.pretrained of {ckpt / 'config.json'}")
+        fix = (f"Pass the folder with `{option} /path/to/stable-diffusion-v1-5`" if option else
+               f"Set model.pretrained in {ckpt / 'config.json'} to the folder")
+        hub_id = src if re.fullmatch(r"[\w.-]+/[\w.-]+", src) else "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        raise FileNotFoundError(
+            f"{run} was trained on Stable Diffusion v1.5, whose weights it loads from {where}: that is "
+            f"not a local folder and not in the hub cache {constants.HF_HUB_CACHE}. Nothing is "
+            f"downloaded at run time. {fix} (a diffusers folder with unet/, vae/, text_encoder/, "
+            f"tokenizer/ and scheduler/), or a hub id already in the hub cache (on a machine with "
+            f"internet `huggingface-cli download {hub_id}` fills it).") from e
+
+
+def _checkpoint_view(ckpt: Path, raw: dict, pretrained: str, tmp: Path) -> Path:
+    """The checkpoint with another SD base: links to its parts and a config.json naming `pretrained`.
+
+    checkpoint.load_pipeline_parts reads the base from the checkpoint's config.json and takes no
+    override; the checkpoint itself is never rewritten (it may be shared or read-only). Everything
+    is read while loading, so the view can go once the pipeline is built."""
+    view = tmp / ckpt.name
+    view.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (view / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
+    p = Path(pretrained).expanduser()
+    cfg = copy.deepcopy(raw)
+    cfg["model"]["pretrained"] = str(p.resolve()) if p.is_dir() else pretrained
+    (view / "config.json").write_text(json.dumps(cfg, indent=1))
+    return view
+
+
 def sample_command(a) -> list[Path]:
-    pipe, sc = load_for_sampling(a.run, a.scheduler, a.device)
+    pipe, sc = load_for_sampling(a.run, a.scheduler, a.device, pretrained=a.pretrained,
+                                 pretrained_option="--pretrained")
     guidance = a.guidance or sc.guidance
     scale = sc.scale if a.scale is None else a.scale
     steps = a.steps or sc.steps

@@ -78,7 +78,8 @@ def bioclip_files(source: str | os.PathLike = BIOCLIP, cache_dir: str | os.PathL
             f"~/.cache/huggingface/hub)\nHow to get them: on a machine with internet run "
             f"`huggingface-cli download {repo}` (or `hf download {repo}`) and copy its "
             f"{cache.name}/models--{repo.replace('/', '--')} folder into {cache}; or put "
-            f"{CONFIG_FILE} and the weights file in a directory and pass that directory (eval.bioclip).")
+            f"{CONFIG_FILE} and the weights file in a directory and pass it: `--bioclip /path/to/dir` "
+            f"(taxadiffusion evaluate; in Python: load_bioclip(source=...)).")
     d = Path(source[len("local-dir:"):] if source.startswith("local-dir:") else source)
     weights = next((d / f for f in WEIGHT_FILES if (d / f).is_file()), None)
     if (d / CONFIG_FILE).is_file() and weights is not None:
@@ -87,7 +88,8 @@ def bioclip_files(source: str | os.PathLike = BIOCLIP, cache_dir: str | os.PathL
         f"BioCLIP files not found in {d} ({files}). Nothing is downloaded at run time.\n"
         f"Looked in:\n  - {d / CONFIG_FILE}\n" + "".join(f"  - {d / f}\n" for f in WEIGHT_FILES)
         + f"How to get them: on a machine with internet run `huggingface-cli download imageomics/bioclip "
-          f"--local-dir {d}` and copy that directory here, or pass {BIOCLIP} to use the local HF cache.")
+          f"--local-dir {d}` and copy that directory here, or pass `--bioclip {BIOCLIP}` (taxadiffusion "
+          f"evaluate; in Python: load_bioclip(source=...)) to use the local HF cache.")
 
 
 _LOADED: dict[tuple, Bioclip] = {}

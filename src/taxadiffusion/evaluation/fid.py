@@ -56,13 +56,14 @@ class Inception:
 def inception_weights_path(weights: str | os.PathLike | None = None) -> Path:
     """The Inception weights file: `weights` if given, else torch hub's cache; else MissingWeightsError."""
     cached = torch_hub_checkpoints() / INCEPTION_FILE
-    candidates = ([(Path(weights), "given as the FID weights path (eval.fid_weights)")] if weights else [])
+    candidates = ([(Path(weights), "given with --fid-weights")] if weights else [])
     candidates.append((cached, "torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to "
                                "~/.cache/torch; where torch-fidelity saves it"))
     return find_weights(
         f"FID Inception-v3 weights {INCEPTION_FILE}", candidates,
         f"on a machine with internet run `wget {URL_INCEPTION_V3}` (or any torch-fidelity FID once) "
-        f"and copy the file to {cached}, or pass its path (eval.fid_weights=/path/{INCEPTION_FILE}).")
+        f"and copy the file to {cached}, or pass its path: `--fid-weights /path/{INCEPTION_FILE}` "
+        f"(taxadiffusion evaluate; in Python: load_inception(weights=...)).")
 
 
 def inception_identity(weights: str | os.PathLike | None = None, feature: str = "2048") -> dict[str, Any]:

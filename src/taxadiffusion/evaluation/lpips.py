@@ -51,14 +51,15 @@ class Lpips:
 def alexnet_weights_path(weights: str | os.PathLike | None = None) -> Path:
     """The AlexNet trunk file: `weights` if given, else torch hub's cache; MissingWeightsError if absent."""
     cached = torch_hub_checkpoints() / ALEXNET_FILE
-    candidates = [(Path(weights), "given as the AlexNet weights path")] if weights else []
+    candidates = [(Path(weights), "given with --alexnet-weights")] if weights else []
     candidates.append((cached, "torch hub cache: $TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to "
                                "~/.cache/torch; where torchvision saves it"))
     return find_weights(
         f"LPIPS AlexNet trunk weights {ALEXNET_FILE}", candidates,
         f"on a machine with internet run `wget {ALEXNET_URL}` (or "
         f"`python -c 'import torchvision; torchvision.models.alexnet(weights=\"IMAGENET1K_V1\")'`) and "
-        f"copy the file to {cached}, or pass its path.")
+        f"copy the file to {cached}, or pass its path: `--alexnet-weights /path/{ALEXNET_FILE}` "
+        f"(taxadiffusion evaluate; in Python: load_lpips(alexnet_weights=...)).")
 
 
 _LOADED: dict[tuple, Lpips] = {}

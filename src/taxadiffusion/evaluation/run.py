@@ -2,6 +2,8 @@
 
     taxadiffusion evaluate runs/fish --n-per-taxon 50 --levels family genus species --guidance taxa
 
+0. Every metric's network is loaded first (`metric_networks`): a missing Inception, AlexNet or
+   BioCLIP file fails in seconds, naming the file, where it was looked for and the option to pass.
 1. The model (`sampling.load_for_sampling`) and the real images: by default the run's own training
    data (its config's data section), or another split given with --real/--real-format/--real-root;
    real records whose lineage the model does not know are counted and left out.
@@ -10,7 +12,8 @@
    same settings are asked for again (OUT/settings.json must match, or it is an error).
 3. Metrics, each through its library (evaluation/fid.py, lpips.py, bioclip.py, oracle.py, judge.py)
    with its provenance; tables: per level, per class (paper Table S2 layout), few-shot buckets.
-4. OUT/metrics.json and OUT/metrics.md (tables.write_metrics), and a report section in the run.
+4. OUT/metrics.json and OUT/metrics.md (tables.write_metrics), and a report section in the run
+   (report_section.add_eval_section: the tables, a sample grid per level, the settings).
 """
 from __future__ import annotations
 
@@ -174,6 +177,37 @@ def oracle_result(oracle, gen: dict[Taxon, torch.Tensor], real: dict[Taxon, torc
                                      oracle.size, definition)}
 
 
+def metric_networks(metrics: Sequence[str], fid_weights=None, alexnet_weights=None,
+                    bioclip: str | None = None, device: str | None = None) -> dict:
+    """{metric: its loaded network} for fid, lpips and bioclip, loaded before any image is generated:
+    a missing or wrong weights file costs seconds, not the hours of sampling before it. Every missing
+    file is reported at once (one MissingWeightsError naming each file, where it was looked for and
+    the option that gives it), so one rerun fixes them all."""
+    from .weights import MissingWeightsError
+    loaders = {}
+    if "fid" in metrics:
+        from .fid import load_inception
+        loaders["fid"] = lambda: load_inception(fid_weights, device=device)
+    if "lpips" in metrics:
+        from .lpips import load_lpips
+        loaders["lpips"] = lambda: load_lpips(alexnet_weights, device=device)
+    if "bioclip" in metrics:
+        from .bioclip import BIOCLIP, load_bioclip
+        loaders["bioclip"] = lambda: load_bioclip(bioclip or BIOCLIP, device=device)
+    nets, missing = {}, []
+    for m, load in loaders.items():
+        try:
+            nets[m] = load()
+        except MissingWeightsError as e:
+            missing.append(str(e))
+    if len(missing) == 1:
+        raise MissingWeightsError(missing[0])
+    if missing:
+        raise MissingWeightsError(f"{len(missing)} metrics lack their weights (nothing was generated):"
+                                  "\n\n" + "\n\n".join(missing))
+    return nets
+
+
 def evaluate(run: str | Path, *, real: str | None = None, real_format: str | None = None,
              real_root: str | None = None, split: str = "train", n_per_taxon: int | None = None,
              levels: Sequence[str] | None = None, max_taxa: int | None = None,
@@ -181,27 +215,37 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
              metrics: Sequence[str] | None = None, guidance: str | None = None,
              scale: float | None = None, steps: int | None = None, scheduler: str | None = None,
              seed: int = 0, fid_weights=None, alexnet_weights=None, bioclip: str | None = None,
-             out: str | Path | None = None, device: str | None = None) -> dict:
+             out: str | Path | None = None, device: str | None = None, pretrained: str | None = None,
+             pretrained_option: str | None = None) -> dict:
+    """See the module docstring. `pretrained`/`pretrained_option`: sampling.load_for_sampling's."""
     from ..sampling import load_for_sampling
     run = Path(run)
     cfg = _run_config(run)
-    pipe, sc = load_for_sampling(run, scheduler, device)
-    pipe.set_progress_bar_config(disable=True)
-    tax = pipe.taxonomy
     data = cfg.data if cfg is not None else None
     if real is None and data is None:
         raise ValueError(f"{run} is a saved pipeline without a run config: pass --real, --real-format "
                          f"and --real-root")
-    fmt = real_format or data.format
+    fmt = real_format or (data.format if data else None)
+    if fmt is None:
+        raise ValueError(f"{run} is a saved pipeline without a run config: pass --real-format with --real")
     metadata = real if real is not None else data.metadata
     root = real_root or (data.root if data else None)
-    scale_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
-    resolution = pipe.unet.config.sample_size * scale_f
     world = data_world(root)
     metrics = list(metrics or (["oracle"] if world is not None else ["fid", "lpips", "bioclip"]))
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; known: {METRICS}")
+    if "oracle" in metrics and world is None:
+        raise ValueError("the oracle exists for the synthetic world only (no world.json beside "
+                         f"the data in {root})")
+    nets = metric_networks(metrics, fid_weights, alexnet_weights, bioclip, device)
+
+    pipe, sc = load_for_sampling(run, scheduler, device, pretrained=pretrained,
+                                 pretrained_option=pretrained_option)
+    pipe.set_progress_bar_config(disable=True)
+    tax = pipe.taxonomy
+    scale_f = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 1
+    resolution = pipe.unet.config.sample_size * scale_f
     n = n_per_taxon or (cfg.eval.n_per_taxon if cfg else 50)
     settings = {"guidance": guidance or sc.guidance, "guidance_scale": sc.scale if scale is None else scale,
                 "guide_level": sc.guide_level, "num_inference_steps": steps or sc.steps,
@@ -216,12 +260,18 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
         raise ValueError(f"{out} holds samples made with other settings ({sfile}); use another --out")
     sfile.write_text(json.dumps(settings, indent=1))
 
-    # -- real images, taxa, generated images --------------------------------------------------------
+    # -- real images, the trained judges, taxa, generated images --------------------------------------
     real_by, real_paths, counts, real_table = real_images(tax, fmt, metadata, root, resolution,
                                                           data.missing_ranks if data else "fill",
                                                           max_per_species=max(n, 50), seed=seed)
     if not real_by:
         raise ValueError(f"no real image of {fmt} {metadata} matches the model's taxonomy ({counts})")
+    if "oracle" in metrics:   # trained (or read from its cache) before sampling, as the weights above
+        from .oracle import load_or_train_oracle
+        nets["oracle"] = load_or_train_oracle(world)
+    if "judge" in metrics:   # trained on the real table's photos (cached): see evaluation/judge.py
+        from .judge import load_or_train_judge
+        nets["judge"] = load_or_train_judge(real_table, tax, resolution)
     lvls = [tax.level_of(l) if not str(l).isdigit() else int(l) for l in (levels or tax.ranks)]
     only = [tax.lookup(s) for s in species] if species else None
     gen: dict[Taxon, torch.Tensor] = {}
@@ -233,20 +283,14 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
     # -- metrics ----------------------------------------------------------------------------------------
     results: dict[str, dict] = {}
     if "oracle" in metrics:
-        from .oracle import load_or_train_oracle
-        if world is None:
-            raise ValueError("the oracle exists for the synthetic world only (no world.json beside "
-                             f"the data in {root})")
-        oracle = load_or_train_oracle(world)
-        results["oracle"] = oracle_result(oracle, gen, real_by, tax, settings)
-    if "judge" in metrics:   # trained on the real table's photos (cached): see evaluation/judge.py
-        from .judge import judge_result, load_or_train_judge
-        judge = load_or_train_judge(real_table, tax, resolution)
-        results["judge"] = judge_result(judge, gen, real_by, tax, settings, seed=seed)
+        results["oracle"] = oracle_result(nets["oracle"], gen, real_by, tax, settings)
+    if "judge" in metrics:
+        from .judge import judge_result
+        results["judge"] = judge_result(nets["judge"], gen, real_by, tax, settings, seed=seed)
     if "fid" in metrics:
         from ..backbone import cache_root
-        from .fid import fid_by_level, load_inception, reference_features
-        inc = load_inception(fid_weights, device=device)
+        from .fid import fid_by_level, reference_features
+        inc = nets["fid"]
         index = {p: (t, i) for t, ps in real_paths.items() for i, p in enumerate(ps)}
         ids = [p for ps in real_paths.values() for p in ps]
         feats = reference_features(
@@ -260,15 +304,13 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
         results["fid"] = fid_by_level(gen, real_feats, lvls, weights=inc, seed=seed, device=device,
                                       feature_source=inc.identity)
     if "lpips" in metrics:
-        from .lpips import load_lpips, lpips_diversity, lpips_fidelity
-        lp = load_lpips(alexnet_weights, device=device)
-        results["lpips_fidelity"] = lpips_fidelity(lp, species_gen, real_by, seed=seed)
-        results["lpips_diversity"] = lpips_diversity(lp, species_gen, seed=seed)
+        from .lpips import lpips_diversity, lpips_fidelity
+        results["lpips_fidelity"] = lpips_fidelity(nets["lpips"], species_gen, real_by, seed=seed)
+        results["lpips_diversity"] = lpips_diversity(nets["lpips"], species_gen, seed=seed)
     if "bioclip" in metrics:
-        from .bioclip import bioclip_eval, load_bioclip
-        bio = load_bioclip(bioclip or "hf-hub:imageomics/bioclip", device=device)
-        results["bioclip"] = bioclip_eval(bio, species_gen, tax)
-        results["bioclip_real"] = bioclip_eval(bio, {t: real_by[t] for t in species_gen}, tax)
+        from .bioclip import bioclip_eval
+        results["bioclip"] = bioclip_eval(nets["bioclip"], species_gen, tax)
+        results["bioclip_real"] = bioclip_eval(nets["bioclip"], {t: real_by[t] for t in species_gen}, tax)
 
     # -- tables -----------------------------------------------------------------------------------------
     cols = {}
@@ -291,6 +333,14 @@ def evaluate(run: str | Path, *, real: str | None = None, real_format: str | Non
     (out / "real_images.json").write_text(json.dumps(counts, indent=1))
     print(f"real images: {counts}")
     print(f"wrote {js} and {md}")
+    from ..checkpoint import resolve_checkpoint
+    from .report_section import add_eval_section
+    model = run if cfg is None else resolve_checkpoint(run)
+    page = add_eval_section(run, out, results, gen, tax, {
+        "model": str(model), "metrics": metrics, "levels": [tax.ranks[l] for l in lvls],
+        "real images": {"format": fmt, "metadata": metadata, "root": root, **counts}, **settings})
+    if page is not None:
+        print(f"wrote {page}")
     return results
 
 
@@ -301,4 +351,4 @@ def evaluate_command(a) -> dict:
                     metrics=a.metrics.split(",") if a.metrics else None, guidance=a.guidance,
                     scale=a.scale, steps=a.steps, scheduler=a.scheduler, seed=a.seed,
                     fid_weights=a.fid_weights, alexnet_weights=a.alexnet_weights, bioclip=a.bioclip,
-                    out=a.out, device=a.device)
+                    out=a.out, device=a.device, pretrained=a.pretrained, pretrained_option="--pretrained")
