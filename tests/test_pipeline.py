@@ -1,11 +1,13 @@
-"""TaxaDiffusionPipeline: batch-size independence, save/load round trip, guidance wiring, taxa lookup."""
+"""TaxaDiffusionPipeline: batch-size independence, save/load round trip, guidance wiring, taxa lookup,
+the diffusers-style call (num_images_per_prompt, one generator, output types, defaults)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from taxadiffusion.backbone import add_lora, build_tiny
-from taxadiffusion.config import ModelConfig
+from taxadiffusion.config import ModelConfig, SampleConfig
 from taxadiffusion.conditioning import TaxonomyConditioner
 from taxadiffusion.pipeline import SCHEDULERS, TaxaDiffusionPipeline, image_seed, make_scheduler
 from taxadiffusion.taxonomy import Taxonomy
@@ -70,8 +72,67 @@ def test_save_load_round_trip_is_bit_exact(pipe, tmp_path):
     back = TaxaDiffusionPipeline.from_pretrained(tmp_path / "p")
     back.set_progress_bar_config(disable=True)
     assert back.taxonomy == pipe.taxonomy
-    assert json.loads((tmp_path / "p" / "taxadiffusion.json").read_text())["scheduler"] == "ddim"
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"] and index["vae"] == [None, None]
     assert torch.equal(_run(pipe), _run(back))
+
+
+def test_num_images_per_prompt_and_its_alias(pipe):
+    a = _run(pipe, num_images=None, num_images_per_prompt=3)
+    assert a.shape == (3, 3, 16, 16)
+    assert torch.equal(a, _run(pipe, num_images=3))
+    assert _run(pipe, num_images=None).shape[0] == 1  # neither: one image
+    with pytest.raises(ValueError, match="alias"):
+        _run(pipe, num_images=2, num_images_per_prompt=3)
+
+
+def test_one_generator_gives_reproducible_batch_independent_images(pipe):
+    kw = dict(num_images=None, seed=None, num_images_per_prompt=3)
+    a = _run(pipe, generator=torch.Generator().manual_seed(5), batch_size=3, **kw)
+    b = _run(pipe, generator=torch.Generator().manual_seed(5), batch_size=1, **kw)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # the same seed drawn, one generator per image
+    g = torch.Generator().manual_seed(5)
+    drawn = int(torch.randint(0, 2**63 - 1, (1,), generator=g).item())
+    assert torch.equal(a, _run(pipe, seed=drawn, num_images=3, batch_size=3))  # documented derivation
+    g = torch.Generator().manual_seed(5)
+    first, second = (_run(pipe, generator=g, batch_size=3, **kw) for _ in range(2))
+    assert torch.equal(first, a) and not torch.allclose(first, second)  # the generator advances
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert _run(pipe, generator=gens, **kw).shape[0] == 3  # a list: one per image, as before
+    with pytest.raises(ValueError, match="not both"):
+        _run(pipe, generator=torch.Generator().manual_seed(5))  # _run passes seed=7
+
+
+def test_output_types(pipe):
+    kw = dict(num_images=2, num_inference_steps=2)
+    pt = _run(pipe, **kw)
+    assert pt.shape == (2, 3, 16, 16) and pt.dtype == torch.float32 and 0 <= pt.min() <= pt.max() <= 1
+    np_ = _run(pipe, output_type="np", **kw)
+    assert isinstance(np_, np.ndarray) and np_.shape == (2, 16, 16, 3)
+    assert np.array_equal(np_, pt.permute(0, 2, 3, 1).numpy())
+    pil = _run(pipe, output_type="pil", **kw)
+    assert [im.size for im in pil] == [(16, 16)] * 2
+    u8 = _run(pipe, output_type="uint8", **kw)
+    assert np.array_equal(np.stack([np.asarray(im) for im in pil]), u8.permute(0, 2, 3, 1).numpy())
+    lat = _run(pipe, output_type="latent", **kw)  # undecoded: pixel space here, not clamped to [-1, 1]
+    assert torch.equal(lat.clamp(-1, 1) / 2 + 0.5, pt)
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, output_type="png")
+
+
+def test_call_defaults_are_the_sample_config(pipe):
+    assert pipe.sample_config == SampleConfig()  # built in code: the paper's defaults
+    custom = TaxaDiffusionPipeline(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer,
+                                   pipe.conditioner, None, pipe.taxonomy,
+                                   sample_defaults={"guidance": "cfg", "scale": 2.0, "steps": 3})
+    custom.set_progress_bar_config(disable=True)
+    steps = []
+    out = custom("Corvus corax", seed=1, output_type="pt",
+                 callback_on_step_end=lambda p, i, t, kw: steps.append(i)).images
+    assert steps == [0, 1, 2]
+    assert torch.equal(out, pipe("Corvus corax", seed=1, output_type="pt", guidance="cfg",
+                                 guidance_scale=2.0, num_inference_steps=3).images)
+    assert custom.config.sample_defaults["scale"] == 2.0  # registered: model_index.json gets it
 
 
 def test_reference_and_condition_share_one_unet_call(pipe):

@@ -143,6 +143,34 @@ def _report(a: argparse.Namespace) -> None:
     print(f"wrote {build_report(a.run)}")
 
 
+# -- export (issue 19) ------------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (its latest checkpoint) or checkpoint folder")
+    p.add_argument("out", help="new folder for the export (diffusers layout)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="upload the folder to this hub model repo (needs a network and a token)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    p.add_argument("--scheduler", default=None,
+                   help="sampler saved: ddpm, ddim, dpm++, euler, euler-a, pndm, unipc (default: the run's)")
+    p.add_argument("--base-model", default=None, help="card: hub id of the base model (default: from the config)")
+    p.add_argument("--dataset", action="append", default=[], metavar="ID",
+                   help="card: hub dataset id trained on (repeatable)")
+    p.add_argument("--license", default=None, help="card: licence (default: SD v1.5's for SD runs, else mit)")
+    p.add_argument("--sample-steps", type=int, default=20, help="steps of the card's trait grid")
+    p.add_argument("--sample-images", type=int, default=4, help="seeds per row of the card's trait grid")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export")
+    p.add_argument("--device", default=None, help="device for the trait grid (default: cuda if available)")
+
+
+def _export(a: argparse.Namespace) -> None:
+    from .export import export_run
+    out = export_run(a.run, a.out, scheduler=a.scheduler, push_to_hub=a.push_to_hub,
+                     private=a.private, base_model=a.base_model, datasets=a.dataset,
+                     license=a.license, sample_steps=a.sample_steps, sample_images=a.sample_images,
+                     overwrite=a.overwrite, device=a.device)
+    print(f"wrote {out}" + (f" and uploaded it to {a.push_to_hub}" if a.push_to_hub else ""))
+
+
 # -- analysis: traits, attention, embeddings (issue 8) -------------------------------------------------------
 def _analysis_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder, checkpoint folder or saved pipeline")
@@ -217,6 +245,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                   _attention_args, _attention),
     "embeddings": ("t-SNE of one level's learned embeddings vs the text encoder's, with silhouette scores",
                    _embeddings_args, _embeddings),
+    "export": ("a run as a diffusers pipeline folder with a model card; optionally pushed to the hub",
+               _export_args, _export),
 }
 
 
