@@ -74,6 +74,7 @@ def test_save_load_round_trip_is_bit_exact(pipe, tmp_path):
     assert back.taxonomy == pipe.taxonomy
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"] and index["vae"] == [None, None]
+    assert index["sample_defaults"]["scheduler"] == back.sample_config.scheduler == "ddim"  # as saved
     assert torch.equal(_run(pipe), _run(back))
 
 

@@ -103,7 +103,11 @@ def write_pipeline(pipe: TaxaDiffusionPipeline, d: Path) -> None:
              "_diffusers_version": diffusers.__version__, "_taxadiffusion_version": __version__}
     index.update({k: list(pipe.config[k]) for k in ("unet", "scheduler", "text_encoder",
                                                     "tokenizer", "conditioner", "vae")})
-    index.update(sample_defaults=dataclasses.asdict(pipe.sample_config),
+    # the call defaults name the sampler actually saved (a pipeline built in code may differ)
+    defaults = dataclasses.asdict(pipe.sample_config)
+    defaults["scheduler"] = next((k for k, v in SCHEDULERS.items() if type(pipe.scheduler) is v),
+                                 defaults["scheduler"])
+    index.update(sample_defaults=defaults,
                  lora_weight_name=LORA_FILE if has_lora else None,
                  taxonomy=pipe.taxonomy.to_dict())
     (d / PIPELINE_FILE).write_text(json.dumps(index, indent=1, ensure_ascii=False))
