@@ -46,7 +46,10 @@ def tiny(tmp_path_factory):
     cache = tmp / "cache"
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TAXADIFFUSION_CACHE", str(cache))
-        run = train(load_config("tiny-cpu", tiny_overrides(data, tmp / "runs", "t")))
+        # evaluate reads the final checkpoints only: the fewest steps, no validation grids (10 s)
+        run = train(load_config("tiny-cpu", tiny_overrides(data, tmp / "runs", "t") + [
+            "train.steps_stage0=2", "train.steps_per_stage=1", "train.checkpoint_every=100",
+            "train.validation_seeds=0"]))
     return data, Path(run), cache
 
 
