@@ -67,14 +67,14 @@ def _pngs(folder: Path) -> list[Path]:
 def test_evaluate_adds_its_tables_and_samples_to_the_run_report(tiny, fast_judge):
     _, run, _ = tiny
     evaluate(run, metrics=["judge"], **QUICK)
-    secs = list((run / "report").glob("eval-*.json"))
+    secs = list((run / "report").glob("eval-eval_taxa-*.json"))   # default folder: eval/<settings>
     assert len(secs) == 1, secs
     sec = json.loads(secs[0].read_text())
     tables = [b for b in sec["blocks"] if "table" in b]
     per_level = next(b["table"] for b in tables if "species acc" in b["table"]["columns"]
                      and "conditioned on" in b["table"]["columns"])
     assert [r[0] for r in per_level["rows"]] == ["family", "species"]
-    metrics = json.loads(next(run.glob("eval/*/metrics.json")).read_text())["results"]
+    metrics = json.loads(next(run.glob("eval/taxa-*/metrics.json")).read_text())["results"]
     acc = metrics["judge"]["levels"]["species"]["accuracy"]["species"]
     assert per_level["rows"][1][per_level["columns"].index("species acc")] == acc  # the computed number
     few_shot = next(b["table"] for b in tables if b["table"]["columns"][0] == "bucket")
@@ -205,3 +205,31 @@ def test_sd_run_whose_base_moved_names_pretrained_and_loads_with_it(sd_run, fast
     res = evaluate(run, metrics=["judge"], levels=["species"], n_per_taxon=1, steps=1, device="cpu",
                    pretrained=str(moved), out=tmp_path / "eval")
     assert res["judge"]["levels"]["species"]["n_images"] == 4
+
+
+def test_fid_tables_per_level_and_per_class_reach_the_report(tiny, tmp_path, monkeypatch):
+    """With FID (torch-fidelity's Inception at random init, given by --fid-weights' path): the
+    per-level FID table and the per-class table (paper Table S2 layout) are in the section."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from taxadiffusion.evaluation import fid
+    _, run, _ = tiny
+    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / fid.INCEPTION_FILE
+    torch.save(net.state_dict(), weights)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))   # only the given file
+    monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
+    out = run / "eval" / "fid-check"
+    evaluate(run, metrics=["fid"], fid_weights=str(weights), out=out, **QUICK)
+    sec = json.loads((run / "report" / "eval-eval_fid-check.json").read_text())
+    tables = {tuple(b["table"]["columns"][:2]): b["table"] for b in sec["blocks"] if "table" in b}
+    per_level = tables[("conditioned on", "taxa")]
+    assert [r[0] for r in per_level["rows"]] == ["family", "species"] and "FID" in per_level["columns"]
+    per_class = tables[("family", "lineage")]   # one row per family: Corvidae, Paridae
+    assert sorted(r[0] for r in per_class["rows"]) == ["Corvidae", "Paridae"]
+    assert (out / "grid-species.png").is_file()
+    assert "One row per family" in (run / "report.html").read_text()
