@@ -269,3 +269,18 @@ def test_grad_scaler_and_per_rank_rng_round_trip(tmp_path):
         assert s2.get_scale() == 512.0 and int(s2.state_dict()["_growth_tracker"]) == 3
     with pytest.raises(ValueError, match="none for rank 2"):
         load_training_state(d, generator=torch.Generator(), rank=2)
+
+
+def test_level_dropout_stays_on_after_the_fixed_batch(sd15_dir, data, tmp_path):
+    """The fixed-batch loss runs in eval mode before step 0; the trained level must be back in
+    train mode afterwards (it was left in eval mode, so model.level_dropout never applied)."""
+    def level0(dropout: str) -> dict:
+        name = f"d{dropout}"
+        _train(sd_overrides(sd15_dir, data, tmp_path / "runs", name) + [
+            "train.strategy=all", "train.steps_stage0=2", "train.steps_per_stage=0",
+            "train.checkpoint_every=0", "data.cache_latents=true", "train.report_to=none",
+            f"model.level_dropout={dropout}"], _env(tmp_path))
+        return load_file(tmp_path / "runs" / name / "checkpoints/stage-0-all/final/conditioner/"
+                         "diffusion_pytorch_model.safetensors")
+    off, on = level0("0.0"), level0("0.5")
+    assert any(not torch.equal(off[k], on[k]) for k in off if k.startswith("levels.0."))

@@ -332,8 +332,11 @@ def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int):
                 e = sampler.epoch_of(sampler.step - 1)
                 yield [(int(i), e) for i in has[pos]]
 
+    # its own generator: creating an iterator draws the workers' base seed, which must not come
+    # from the global RNG (dropout draws from that one, restored exactly on resume)
     loader = DataLoader(dataset, batch_sampler=_Positions(), num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(sampler.seed))
     for b in loader:
         yield b["pixels"], b["ids"]
 
@@ -376,10 +379,11 @@ def _context(ids, keep, tables, null, conditioner, stage, device) -> torch.Tenso
 
 @torch.no_grad()
 def _eval_loss(fixed, unet, conditioner, tables, null, bb, stage, device, dtype) -> float:
-    mods = [m for m in (unet, conditioner) if m is not None]
-    modes = [m.training for m in mods]
-    for m in mods:
-        m.eval()
+    with _eval_mode(unet, conditioner):
+        return _fixed_loss(fixed, unet, conditioner, tables, null, bb, stage, device, dtype)
+
+
+def _fixed_loss(fixed, unet, conditioner, tables, null, bb, stage, device, dtype) -> float:
     L = fixed["ids"].shape[1]
     k = L - 1 if stage.random_level else stage.level
     keep = (fixed["ids"] >= 0) & (torch.arange(L)[None] <= k)
@@ -391,9 +395,24 @@ def _eval_loss(fixed, unet, conditioner, tables, null, bb, stage, device, dtype)
         ctx = _context(fixed["ids"][sl], keep[sl], tables, null, conditioner, stage, device)
         eps = unet(xt, t, ctx.to(dtype)).sample
         total += F.mse_loss(eps.float(), noise.float(), reduction="sum").item()
-    for m, mode in zip(mods, modes):
-        m.train(mode)
     return total / fixed["noise"].numel()
+
+
+class _eval_mode:
+    """Within the block every submodule is in eval mode; after it each gets its own mode back. A
+    stage trains some levels of an otherwise frozen (eval) conditioner: restoring only the top
+    module's flag would put the training levels in eval mode too, and switch their dropout off."""
+
+    def __init__(self, *modules):
+        self.modes = [(m, m.training) for mod in modules if mod is not None for m in mod.modules()]
+
+    def __enter__(self):
+        for m, _ in self.modes:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
 
 
 class _ema_weights:
@@ -416,12 +435,27 @@ class _ema_weights:
 def _validation_grid(run: Path, stage, step: int, cfg: Config, bb, unet, conditioner, taxonomy, log,
                      acc):
     """One row per level (0..stage level) of the most common species, the same seeds in each row,
-    drawn by the public pipeline (DDIM, 25 steps)."""
+    drawn by the public pipeline (DDIM, 25 steps); saved as PNG and sent to the trackers."""
+    import numpy as np
+
     from .imaging import labelled_grid
+    with _eval_mode(unet, conditioner):
+        rows, labels = _validation_rows(cfg, bb, unet, conditioner, taxonomy, stage)
+    f = run / "samples" / stage.name / f"step-{step:07d}.png"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    grid = labelled_grid(rows, labels, [f"seed {i}" for i in range(cfg.train.validation_seeds)])
+    grid.save(f)
+    log(f"validation grid: {f}")
+    for tracker in acc.trackers:  # the grid as an image beside the loss curves
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(f"{stage.name}/validation", np.asarray(grid.convert("RGB")), step,
+                                     dataformats="HWC")
+        else:
+            tracker.log_images({f"{stage.name}/validation": [grid]}, step=step)
+
+
+def _validation_rows(cfg: Config, bb, unet, conditioner, taxonomy, stage):
     from .pipeline import TaxaDiffusionPipeline, make_scheduler
-    modes = [(m, m.training) for m in (unet, conditioner) if m is not None]
-    for m, _ in modes:
-        m.eval()
     pipe = TaxaDiffusionPipeline(unet, make_scheduler("ddim", bb.noise_scheduler.config),
                                  bb.text_encoder, bb.tokenizer, conditioner, bb.vae, taxonomy)
     pipe.set_progress_bar_config(disable=True)
@@ -435,20 +469,7 @@ def _validation_grid(run: Path, stage, step: int, cfg: Config, bb, unet, conditi
                    output_type="uint8", progress=False).images
         rows.append(out)
         labels.append(taxonomy.prompt(taxonomy.ancestors(sp)[lvl]))
-    for m, mode in modes:
-        m.train(mode)
-    f = run / "samples" / stage.name / f"step-{step:07d}.png"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    grid = labelled_grid(rows, labels, [f"seed {i}" for i in range(cfg.train.validation_seeds)])
-    grid.save(f)
-    log(f"validation grid: {f}")
-    import numpy as np
-    for tracker in acc.trackers:  # the grid as an image beside the loss curves
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(f"{stage.name}/validation", np.asarray(grid.convert("RGB")), step,
-                                     dataformats="HWC")
-        else:
-            tracker.log_images({f"{stage.name}/validation": [grid]}, step=step)
+    return rows, labels
 
 
 def _rank_record(run: Path, stage, rank: int, params, sampler) -> None:
