@@ -284,3 +284,107 @@ def test_level_dropout_stays_on_after_the_fixed_batch(sd15_dir, data, tmp_path):
                          "diffusion_pytorch_model.safetensors")
     off, on = level0("0.0"), level0("0.5")
     assert any(not torch.equal(off[k], on[k]) for k in off if k.startswith("levels.0."))
+
+
+def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "taxadiffusion.cli", *args], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _random_inception(tmp: Path) -> Path:
+    """torch-fidelity's FID Inception at random init, saved where --fid-weights can point (the real
+    weights cannot be downloaded here; the code path is the same)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from taxadiffusion.evaluation import fid
+    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp / fid.INCEPTION_FILE
+    torch.save(net.state_dict(), weights)
+    return weights
+
+
+def test_cli_prepare_sample_export_evaluate_report(progressive, data):
+    """The rest of a user's session on the SD run: prepare the metadata, sample a trait row, export
+    (diffusers layout), evaluate, rebuild the report; the export samples as the run does."""
+    run, _, tmp = progressive
+    env = _env(tmp)
+    _cli(["prepare", "csv", str(data / "metadata.csv"), "--images", str(data), "--out", str(tmp / "prep"),
+          "--ranks", "class,family,genus,species"], env)
+    assert json.loads((tmp / "prep" / "taxonomy.json").read_text())["ranks"] == [
+        "class", "family", "genus", "species"]
+    _cli(["sample", str(run), "--taxon", "Corvus corax", "--n", "2", "--steps", "3", "--all-levels",
+          "--out", str(tmp / "s")], env)
+    assert len(list((tmp / "s").glob("level*-seed0-*.png"))) == 8
+    _cli(["export", str(run), str(tmp / "export"), "--sample-steps", "2", "--sample-images", "1"], env)
+    assert (tmp / "export" / "model_index.json").exists()
+    weights = _random_inception(tmp)
+    _cli(["evaluate", str(run), "--metrics", "fid", "--fid-weights", str(weights), "--n-per-taxon", "2",
+          "--steps", "2", "--levels", "genus", "species", "--out", str(tmp / "ev")],
+         {**env, "TORCH_HOME": str(tmp / "empty-torch-home")})
+    fid = json.loads((tmp / "ev" / "metrics.json").read_text())["results"]["fid"]
+    assert set(fid["levels"]) == {"genus", "species"}
+    _cli(["report", str(run)], env)
+    assert "FID" in (run / "report.html").read_text()
+
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+    a = TaxaDiffusionPipeline.from_checkpoint(run)
+    b = TaxaDiffusionPipeline.from_pretrained(tmp / "export")
+    kw = dict(num_images_per_prompt=2, num_inference_steps=3, seed=5, output_type="uint8")
+    assert torch.equal(a("Corvus corax", **kw).images, b("Corvus corax", **kw).images)
+
+
+@pytest.mark.parametrize("strategy,cache,extra", [
+    ("all", "false", ["train.gradient_checkpointing=true"]),
+    ("random", "true", ["train.gradient_accumulation_steps=2"]),
+    ("lora-text", "false", ["train.gradient_accumulation_steps=2"]),
+    ("full", "true", ["train.gradient_checkpointing=true", "train.gradient_accumulation_steps=2"]),
+])
+def test_every_strategy_trains_in_latent_space(sd15_dir, data, tmp_path, strategy, cache, extra):
+    """all / random / lora-text / full on the SD stand-in, latents cached or encoded every step,
+    with gradient accumulation (each optimizer step consumes `accum` micro-batches) and gradient
+    checkpointing; the parts the strategy trains change, the others do not."""
+    steps = 3
+    _train(sd_overrides(sd15_dir, data, tmp_path / "runs", "s") + [
+        f"train.strategy={strategy}", f"data.cache_latents={cache}", f"train.steps_stage0={steps}",
+        "train.steps_per_stage=0", "train.checkpoint_every=0", "train.report_to=none",
+        "data.missing_ranks=fill", *extra], _env(tmp_path))
+    run = tmp_path / "runs" / "s"
+    final = next((run / "checkpoints").glob("stage-0-*/final"))
+    rec = json.loads(next((run / "ranks").glob("*.json")).read_text())
+    accum = 2 if "train.gradient_accumulation_steps=2" in extra else 1
+    assert rec["served"] == steps * accum * 2
+    base = load_file(sd15_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    if strategy == "full":
+        unet = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+        assert any(not torch.equal(unet[k], base[k]) for k in base)
+        assert not (final / "pytorch_lora_weights.safetensors").exists()
+    else:
+        lora = load_file(final / "pytorch_lora_weights.safetensors")
+        assert any(float(v.abs().max()) > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+        assert not (final / "unet").exists()  # the SD base is not copied
+    assert (final / "conditioner").exists() == (strategy in ("all", "random"))
+
+
+def test_text_embeddings_have_one_dtype_in_training_and_sampling():
+    """At CLIP-L width the training tables are fp16; the pipeline's cache rounds the same way, so a
+    level sees at sampling the numbers it was trained on (it used to get fp32 there)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from sdstub import build_sd15_stub
+    from taxadiffusion.conditioning import embedding_dtype
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+    from taxadiffusion.taxonomy import Taxonomy
+    parts = build_sd15_stub()
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=8))
+    pipe = TaxaDiffusionPipeline(parts["unet"], parts["scheduler"], te, parts["tokenizer"],
+                                 taxonomy=Taxonomy(["class"], [("Aves",)]))
+    assert embedding_dtype(768) == embedding_dtype(512) == torch.float16
+    assert pipe.text_cache.encode(["class: Aves"]).dtype == torch.float16
+    small = TaxaDiffusionPipeline(parts["unet"], parts["scheduler"], parts["text_encoder"],
+                                  parts["tokenizer"], taxonomy=Taxonomy(["class"], [("Aves",)]))
+    assert small.text_cache.encode(["class: Aves"]).dtype == torch.float32

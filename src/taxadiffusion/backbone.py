@@ -102,7 +102,9 @@ def resolve_sd15(path_or_id: str) -> Path:
                 f"not in the hub cache {constants.HF_HUB_CACHE}. Nothing is downloaded at run time. On a "
                 f"machine with internet run `huggingface-cli download {path_or_id} --include "
                 f"'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' model_index.json` "
-                f"(it fills that cache), or pass model.pretrained=/path/to/folder.") from e
+                f"(it fills that cache), or point at a local folder: train takes "
+                f"model.pretrained=/path/to/folder; sample, evaluate and export take --pretrained "
+                f"/path/to/folder.") from e
     missing = [f"{sub}/{f}" for sub, files in SD15_PARTS.items() for f in files
                if not (root / sub / f).exists()]
     if not any(all((root / "tokenizer" / f).exists() for f in lay) for lay in TOKENIZER_LAYOUTS):

@@ -206,14 +206,18 @@ def resolve_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"{path} holds no checkpoint (expected {STATE_FILE} or checkpoints/)")
 
 
-def load_pipeline_parts(d: Path, torch_dtype: torch.dtype = torch.float32) -> tuple[dict, Config]:
-    """The modules a pipeline needs, from a checkpoint folder (SD base weights from config)."""
+def load_pipeline_parts(d: Path, torch_dtype: torch.dtype = torch.float32,
+                        pretrained: str | None = None) -> tuple[dict, Config]:
+    """The modules a pipeline needs, from a checkpoint folder; SD base weights from the config's
+    model.pretrained, or from `pretrained` (the base moved, or another machine)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from .backbone import add_lora, load_sd15
     from .conditioning import TaxonomyConditioner
     cfg = from_dict(json.loads((d / "config.json").read_text()))
+    if pretrained:
+        cfg.model.pretrained = pretrained
     kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype)
     if cfg.model.base != "sd15":  # built in code: the checkpoint carries every part
         unet = UNet2DConditionModel.from_pretrained(d / "unet", **kw)

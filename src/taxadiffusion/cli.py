@@ -160,6 +160,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-images", type=int, default=4, help="seeds per row of the card's trait grid")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export")
     p.add_argument("--device", default=None, help="device for the trait grid (default: cuda if available)")
+    p.add_argument("--pretrained", default=None,
+                   help="SD v1.5 folder of an SD-based run whose base moved (default: its config's)")
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -167,7 +169,7 @@ def _export(a: argparse.Namespace) -> None:
     out = export_run(a.run, a.out, scheduler=a.scheduler, push_to_hub=a.push_to_hub,
                      private=a.private, base_model=a.base_model, datasets=a.dataset,
                      license=a.license, sample_steps=a.sample_steps, sample_images=a.sample_images,
-                     overwrite=a.overwrite, device=a.device)
+                     overwrite=a.overwrite, device=a.device, pretrained=a.pretrained)
     print(f"wrote {out}" + (f" and uploaded it to {a.push_to_hub}" if a.push_to_hub else ""))
 
 

@@ -157,7 +157,8 @@ def export_run(run: str | Path, out: str | Path, *, scheduler: str | None = None
                push_to_hub: str | None = None, private: bool = False,
                base_model: str | None = None, datasets: Sequence[str] = (),
                license: str | None = None, sample_steps: int = 20, sample_images: int = 4,
-               sample_seed: int = 0, overwrite: bool = False, device: str | None = None) -> Path:
+               sample_seed: int = 0, overwrite: bool = False, device: str | None = None,
+               pretrained: str | None = None) -> Path:
     """Write the run's latest checkpoint (or the checkpoint `run`) to `out` as described above.
 
     `scheduler`: the sampler saved (default: the run's sample.scheduler). `base_model`, `datasets`,
@@ -165,6 +166,7 @@ def export_run(run: str | Path, out: str | Path, *, scheduler: str | None = None
     SD v1.5's licence for an SD-based run, else MIT). The trait grid is a quick preview with the
     exported pipeline: `sample_images` seeds x every rank of the most common species,
     `sample_steps` steps. `push_to_hub`: a hub repo id to upload the folder to (push_folder).
+    `pretrained`: where an SD-based run's base is now, if it moved (its weights are exported too).
     """
     from .checkpoint import resolve_checkpoint
     from .config import from_dict
@@ -177,7 +179,7 @@ def export_run(run: str | Path, out: str | Path, *, scheduler: str | None = None
         if not (out / PIPELINE_FILE).exists():
             raise ValueError(f"{out} holds no {PIPELINE_FILE}: not an export, so not replaced")
         shutil.rmtree(out)
-    pipe = TaxaDiffusionPipeline.from_checkpoint(ckpt, scheduler=scheduler)
+    pipe = TaxaDiffusionPipeline.from_checkpoint(ckpt, scheduler=scheduler, pretrained=pretrained)
     pipe.save_pretrained(out)
     del pipe  # at SD size, two pipelines at once would double the memory
     (out / "training_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

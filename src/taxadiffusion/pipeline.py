@@ -37,7 +37,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .conditioning import TaxonomyConditioner, TextEmbeddingCache
+from .conditioning import TaxonomyConditioner, TextEmbeddingCache, embedding_dtype
 from .config import SampleConfig, from_dict
 from .guidance import cfg as cfg_rule, in_interval, taxaguide
 from .taxonomy import Taxon, Taxonomy
@@ -120,7 +120,8 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.sample_config = sample_defaults
         self.register_to_config(lora_weight_name=lora_weight_name)
         self.image_processor = VaeImageProcessor(do_resize=False)
-        self.text_cache = TextEmbeddingCache(text_encoder, tokenizer, identity="pipeline")
+        self.text_cache = TextEmbeddingCache(text_encoder, tokenizer, identity="pipeline",
+                                             dtype=embedding_dtype(text_encoder.config.hidden_size))
 
     # properties, so that the registered config (what model_index.json gets) follows any assignment
     @property
@@ -329,15 +330,17 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, scheduler: str | None = None,
-                        torch_dtype: torch.dtype = torch.float32) -> "TaxaDiffusionPipeline":
+                        torch_dtype: torch.dtype = torch.float32,
+                        pretrained: str | None = None) -> "TaxaDiffusionPipeline":
         """A training run folder (its latest checkpoint), a checkpoint folder, or a saved pipeline.
-        The run's sample section becomes the call defaults (`scheduler` replaces its sampler)."""
+        The run's sample section becomes the call defaults (`scheduler` replaces its sampler);
+        `pretrained`: where an SD-based run's frozen base is now (default: its config's)."""
         from .checkpoint import load_pipeline_parts, resolve_checkpoint
         p = Path(path)
         if (p / PIPELINE_FILE).exists():
             return cls.from_pretrained(p, torch_dtype, scheduler)
         ckpt = resolve_checkpoint(p)
-        parts, cfg = load_pipeline_parts(ckpt, torch_dtype)
+        parts, cfg = load_pipeline_parts(ckpt, torch_dtype, pretrained)
         name = scheduler or cfg.sample.scheduler
         sched = make_scheduler(name, parts.pop("noise_scheduler").config)
         return cls(scheduler=sched, sample_defaults=dataclasses.replace(cfg.sample, scheduler=name),

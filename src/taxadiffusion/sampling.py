@@ -1,19 +1,17 @@
 """`taxadiffusion sample`: load a run, checkpoint or saved pipeline; write PNGs named by seed and grids.
 
-Defaults come from the run's config (sample section) and can be overridden per call; a saved
-pipeline folder without a run config uses the paper's defaults (SampleConfig).
+Defaults come from the run's config (sample section), or those a saved pipeline carries, and can be
+overridden per call.
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .config import SampleConfig, from_dict
+from .config import from_dict
 from .imaging import labelled_grid, save_pngs
 
 
@@ -29,7 +27,7 @@ def pick_device(device: str | None) -> torch.device:
 
 def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str | None = None,
                       pretrained: str | None = None, pretrained_option: str | None = None):
-    """(pipeline on its device, SampleConfig of the run or the paper's defaults).
+    """(pipeline on its device, the SampleConfig of the run or of the saved pipeline).
 
     `pretrained`: the Stable Diffusion v1.5 folder (or hub id) an SD-based run loads its frozen base
     from, instead of its config's model.pretrained (the folder moved, or another machine).
@@ -43,9 +41,8 @@ def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str
         if pretrained:
             raise ValueError(f"{pretrained_option or 'pretrained'}: {run} is a saved pipeline, which "
                              f"carries every part it needs; it applies to runs and checkpoints only")
-        sc = SampleConfig()
-        pipe = TaxaDiffusionPipeline.from_pretrained(run, scheduler=scheduler or sc.scheduler)
-        return pipe.to(pick_device(device)), sc
+        pipe = TaxaDiffusionPipeline.from_pretrained(run, scheduler=scheduler)
+        return pipe.to(pick_device(device)), pipe.sample_config  # the sampler and defaults it saved
     ckpt = resolve_checkpoint(run)
     raw = json.loads((ckpt / "config.json").read_text())
     cfg = from_dict(raw)
@@ -57,12 +54,8 @@ def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str
                              f"runs on Stable Diffusion v1.5 (model.base: sd15) load a base folder")
     else:
         _check_sd_base(run, ckpt, cfg.model.pretrained, pretrained, pretrained_option)
-    if cfg.model.base == "sd15" and pretrained and pretrained != cfg.model.pretrained:
-        with tempfile.TemporaryDirectory() as tmp:
-            view = _checkpoint_view(ckpt, raw, pretrained, Path(tmp))
-            pipe = TaxaDiffusionPipeline.from_checkpoint(view, scheduler=scheduler or sc.scheduler)
-    else:
-        pipe = TaxaDiffusionPipeline.from_checkpoint(ckpt, scheduler=scheduler or sc.scheduler)
+    pipe = TaxaDiffusionPipeline.from_checkpoint(ckpt, scheduler=scheduler or sc.scheduler,
+                                                 pretrained=pretrained)
     return pipe.to(pick_device(device)), sc
 
 
@@ -89,24 +82,6 @@ def _check_sd_base(run: Path, ckpt: Path, configured: str, pretrained: str | Non
             f"downloaded at run time. {fix} (a diffusers folder with unet/, vae/, text_encoder/, "
             f"tokenizer/ and scheduler/), or a hub id already in the hub cache (on a machine with "
             f"internet `huggingface-cli download {hub_id}` fills it).") from e
-
-
-def _checkpoint_view(ckpt: Path, raw: dict, pretrained: str, tmp: Path) -> Path:
-    """The checkpoint with another SD base: links to its parts and a config.json naming `pretrained`.
-
-    checkpoint.load_pipeline_parts reads the base from the checkpoint's config.json and takes no
-    override; the checkpoint itself is never rewritten (it may be shared or read-only). Everything
-    is read while loading, so the view can go once the pipeline is built."""
-    view = tmp / ckpt.name
-    view.mkdir()
-    for f in ckpt.iterdir():
-        if f.name != "config.json":
-            (view / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
-    p = Path(pretrained).expanduser()
-    cfg = copy.deepcopy(raw)
-    cfg["model"]["pretrained"] = str(p.resolve()) if p.is_dir() else pretrained
-    (view / "config.json").write_text(json.dumps(cfg, indent=1))
-    return view
 
 
 def sample_command(a) -> list[Path]:

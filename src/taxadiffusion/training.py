@@ -24,7 +24,8 @@ from .backbone import (add_lora, base_parameters, build_backbone, cache_root, mi
                        module_fingerprint)
 from .checkpoint import (list_checkpoints, load_model_state, load_training_state, rng_state,
                          save_checkpoint)
-from .conditioning import TaxonomyConditioner, TextEmbeddingCache, gather_embeddings, sample_keep
+from .conditioning import (TaxonomyConditioner, TextEmbeddingCache, embedding_dtype, gather_embeddings,
+                           sample_keep)
 from .config import Config, save_config
 from .data_stream import StreamSampler, cache_model_inputs
 from .stages import apply_stage, plan_stages, select_stages
@@ -94,7 +95,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     # -- caches: text embeddings of every prompt, inputs of every image ---------------------------------
     cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder),
                                cache_root() / "text-embeddings",
-                               torch.float16 if bb.context_dim >= 512 else torch.float32)
+                               embedding_dtype(bb.context_dim))
     if text_mode:  # flat baselines: one prompt per taxon, the lineage as text
         tables = [cache.encode([taxonomy.lineage_text(t) for t in taxonomy.vocab(l)]) for l in range(L)]
     else:
