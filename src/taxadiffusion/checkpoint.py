@@ -82,11 +82,35 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, bytes]:
 def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, conditioner, backbone,
                     save_unet: bool, state: dict, optimizer=None, ema=None, lr_scheduler=None,
                     rng_states: list[dict[str, bytes]] | None = None, scaler=None) -> Path:
-    """Write everything to `d` through a temporary folder renamed at the end (atomic).
+    """Write everything to `d` through a temporary folder renamed at the end (atomic): a write that
+    fails (disk full, read-only folder) removes the temporary folder, leaves every earlier
+    checkpoint as it was and raises an error naming the folder.
 
     `rng_states`: every rank's `rng_state()` in rank order (rng.safetensors keys "<kind>.<rank>"),
     so that after a resume each rank draws its own noise again; `scaler`: fp16's GradScaler."""
     tmp = d.with_name(d.name + ".tmp")
+    try:
+        _write_checkpoint(tmp, cfg=cfg, taxonomy=taxonomy, unet=unet, conditioner=conditioner,
+                          backbone=backbone, save_unet=save_unet, state=state, optimizer=optimizer,
+                          ema=ema, lr_scheduler=lr_scheduler, rng_states=rng_states, scaler=scaler)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not write checkpoint {d} ({e.strerror or e}); free space or "
+                               f"fix permissions in {d.parent}; earlier checkpoints are intact") from e
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left" in str(e) or "Read-only" in str(e):
+            raise OSError(f"could not write checkpoint {d} ({e}); free space or fix permissions in "
+                          f"{d.parent}; earlier checkpoints are intact") from e
+        raise
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def _write_checkpoint(tmp: Path, *, cfg, taxonomy, unet, conditioner, backbone, save_unet, state,
+                      optimizer, ema, lr_scheduler, rng_states, scaler) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if conditioner is not None:
@@ -122,28 +146,55 @@ def save_checkpoint(d: Path, *, cfg: Config, taxonomy: Taxonomy, unet, condition
     state["world_size"] = len(rng_states or [None])
     save_file(rng, tmp / "rng.safetensors")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if d.exists():
-        shutil.rmtree(d)
-    tmp.rename(d)
-    return d
+
+
+def read_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a missing or damaged one is named, with what to do."""
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing: this checkpoint is incomplete; resume from an "
+                                f"earlier one with --resume <its folder>")
+    try:
+        return load_file(f)
+    except Exception as e:  # SafetensorError, OSError: truncated, edited or unreadable
+        raise ValueError(f"{f} is damaged ({type(e).__name__}: {e}); resume from an earlier "
+                         f"checkpoint with --resume <its folder>") from e
+
+
+def read_json(f: Path):
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing: this checkpoint is incomplete; resume from an "
+                                f"earlier one with --resume <its folder>")
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is damaged ({e}); resume from an earlier checkpoint with --resume "
+                         f"<its folder>") from e
 
 
 def load_training_state(d: Path, optimizer=None, ema=None, lr_scheduler=None,
                         generator: torch.Generator | None = None, rank: int = 0, scaler=None) -> dict:
-    """Restore what `save_checkpoint` wrote into live objects; this rank's random state."""
-    state = json.loads((d / STATE_FILE).read_text())
-    if optimizer is not None and (d / "optimizer.safetensors").exists():
-        meta = json.loads((d / "optimizer.json").read_text())
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(d / "optimizer.safetensors"), meta))
-    if ema is not None and (d / "ema.safetensors").exists():
-        t = load_file(d / "ema.safetensors")
+    """Restore what `save_checkpoint` wrote into live objects; this rank's random state. Every
+    file the live objects need must be there: a missing or damaged one is an error naming it."""
+    state = read_json(d / STATE_FILE)
+    if optimizer is not None:
+        meta, tensors = read_json(d / "optimizer.json"), read_tensors(d / "optimizer.safetensors")
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{d / 'optimizer.safetensors'} does not fit this run's trainable "
+                             f"parameters ({e})") from e
+    if ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{d} holds no EMA state, but train.ema_decay is on: it was trained "
+                             f"without EMA")
+        t = read_tensors(d / "ema.safetensors")
         ema.shadow_params = [t[str(i)].to(p.device) for i, p in enumerate(ema.shadow_params)]
         ema.optimization_step = state["ema"]["optimization_step"]
     if lr_scheduler is not None and "lr_scheduler" in state:
         lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
     if scaler is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
-    rng = load_file(d / "rng.safetensors")
+    rng = read_tensors(d / "rng.safetensors")
     if f"torch.{rank}" not in rng:
         raise ValueError(f"{d / 'rng.safetensors'} holds the random state of "
                          f"{state.get('world_size', 1)} process(es), none for rank {rank}: resume "
@@ -189,7 +240,7 @@ def list_checkpoints(run: Path) -> list[tuple[int, int, Path]]:
     for d in (run / "checkpoints").glob("stage-*/*"):
         if not (d / STATE_FILE).exists() or d.name.endswith(".tmp"):
             continue
-        st = json.loads((d / STATE_FILE).read_text())
+        st = read_json(d / STATE_FILE)
         out.append((st["stage_index"], st["step"] + (10**12 if st.get("complete") else 0), d))
     return sorted(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,10 +64,18 @@ class StreamSampler:
 
 
 def _inputs_key(table, taxonomy, resolution: int, encoder: str) -> str:
+    """The cache entry of these inputs: preprocessing, encoder, and per record its path, lineage,
+    box and file (size, mtime): a replaced or truncated image makes a new entry, never a stale
+    read. A stat per file is cheap next to decoding it."""
     h = hashlib.sha256()
     h.update(json.dumps([table.preprocess, resolution, encoder, list(taxonomy.ranks)]).encode())
     for r in table.records:
-        h.update(f"{r.path}|{'/'.join(r.lineage)}|{r.box}\n".encode())
+        try:
+            st = os.stat(r.path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{r.path}|{'/'.join(r.lineage)}|{r.box}|{stamp}\n".encode())
     return h.hexdigest()[:20]
 
 
@@ -75,7 +84,8 @@ def cache_model_inputs(table, taxonomy, backbone, resolution: int, device, accel
                        batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every image once through evaluation preprocessing (centre crops, no random crops) and, with a
     VAE, its encoder (the latent mean times the scaling factor). Returns (inputs fp16 (N, C, h, w),
-    ids (N, L) with -1 rows for unreadable images, unreadable paths). Cached on disk by content."""
+    ids (N, L) with -1 rows for unreadable images, unreadable paths). Cached on disk, keyed by the
+    files' paths, sizes and modification times (`_inputs_key`)."""
     from .datasets.images import SpeciesImageDataset
     enc = module_fingerprint(backbone.vae) if backbone.vae is not None else "pixels"
     f = cache_root() / "inputs" / f"{_inputs_key(table, taxonomy, resolution, enc)}.safetensors"

@@ -24,6 +24,8 @@ from .backbone import (add_lora, base_parameters, build_backbone, cache_root, mi
                        module_fingerprint)
 from .checkpoint import (list_checkpoints, load_model_state, load_training_state, rng_state,
                          save_checkpoint)
+from .resume import (check_resumable, data_fingerprint, find_resume_point, prune_metrics, read_state,
+                     run_lock)
 from .conditioning import (TaxonomyConditioner, TextEmbeddingCache, embedding_dtype, gather_embeddings,
                            sample_keep)
 from .config import Config, save_config
@@ -31,7 +33,16 @@ from .data_stream import StreamSampler, cache_model_inputs
 from .stages import apply_stage, plan_stages, select_stages
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
+def train(cfg: Config, resume: str | None = None, resume_anyway: bool = False) -> Path:
+    """Train the stages of `cfg`'s plan; `resume`: "latest" or a checkpoint folder (resume.py);
+    `resume_anyway`: continue even where the checkpoint's config or data differ (named in the log).
+    One process trains in a run folder at a time (its main process holds the folder's lock)."""
+    run = Path(cfg.train.output_dir) / cfg.name
+    with run_lock(run, enabled=os.environ.get("RANK", "0") == "0"):
+        return _train(cfg, run, resume, resume_anyway)
+
+
+def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object, set_seed
     from diffusers.optimization import get_scheduler
@@ -42,7 +53,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     tc, mc = cfg.train, cfg.model
 
     # -- run folder, accelerator, seed ---------------------------------------------------------------
-    run = Path(tc.output_dir) / cfg.name
     if tc.report_to not in TRACKERS:
         raise ValueError(f"train.report_to must be one of {', '.join(TRACKERS)}, got {tc.report_to!r}")
     # several processes and no GPU (torchrun or `accelerate launch --cpu`): accelerate only builds a
@@ -57,7 +67,6 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     set_seed(tc.seed)  # same initial weights on every rank
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
     log = _Logger(run, main, acc)
     log(f"accelerate: {world} process(es) on {acc.device}, mixed precision {acc.mixed_precision}")
     if tc.report_to != "none":
@@ -67,8 +76,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
     table = read_table(cfg.data.format, cfg.data.metadata, cfg.data.root, ranks=cfg.data.ranks,
                        missing=cfg.data.missing_ranks, strict=cfg.data.strict)
     taxonomy = table.taxonomy(cfg.data.species_prompt)
-    if main:
-        taxonomy.save(run / "taxonomy.json")
+    data_fp = data_fingerprint(table, taxonomy)
     log(f"data: {len(table.records)} images, " + ", ".join(f"{r} {n}" for r, n in taxonomy.summary().items())
         + (f"; rows dropped: {dict(table.report.dropped)}" if table.report.rows_dropped else ""))
     L = taxonomy.num_levels
@@ -119,23 +127,37 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         if tc.fixed_batch > 0 else None
 
     # -- where to start: a fresh run or the latest checkpoint ----------------------------------------------
+    # (checked before anything is written: a refused resume leaves the run folder as it was)
     start_stage, start_ckpt = stages[0].index, None
     if resume:
-        found = list_checkpoints(run) if resume == "latest" else [(None, None, Path(resume))]
-        if found:
-            start_ckpt = found[-1][2]
-            st = json.loads((start_ckpt / "state.json").read_text())
+        start_ckpt, st = find_resume_point(run, resume)
+        if start_ckpt is None:
+            log(f"--resume {resume}: {run} has no checkpoint yet; starting from the beginning")
+        else:
+            check_resumable(start_ckpt, st, cfg.to_dict(), data_fp, len(plan), resume_anyway, log)
             load_model_state(start_ckpt, unet, conditioner)
             start_stage = st["stage_index"] + (1 if st.get("complete") else 0)
             log(f"resuming from {start_ckpt} (stage {st['stage_index']}, step {st['step']})")
+            if main:
+                n = prune_metrics(run, {s.name: s.index for s in plan}, st["stage_index"],
+                                  st["step"] if not st.get("complete") else 10**12)
+                if n:
+                    log(f"metrics.jsonl: {n} record(s) logged after that checkpoint dropped")
             if st.get("complete"):
                 start_ckpt = None
+            if start_stage > stages[-1].index:
+                log(f"every selected stage is complete in {run}; nothing to train")
     elif tc.stages != "all" and stages[0].index > 0:
         prev = [c for c in list_checkpoints(run) if c[0] == stages[0].index - 1]
         if not prev:
             raise FileNotFoundError(f"stage {stages[0].index} starts from stage {stages[0].index - 1}, "
                                     f"but {run}/checkpoints has no checkpoint of it")
+        check_resumable(prev[-1][2], read_state(prev[-1][2]), cfg.to_dict(), data_fp, len(plan),
+                        resume_anyway, log)
         load_model_state(prev[-1][2], unet, conditioner)
+    if main:  # the config and taxonomy that describe the weights this run now trains
+        save_config(cfg, run / "config.yaml")
+        taxonomy.save(run / "taxonomy.json")
     unet.to(device)
     if conditioner is not None:
         conditioner.to(device)
@@ -187,7 +209,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                                 conditioner=conditioner, backbone=bb,
                                 save_unet=any(s.train_unet for s in plan),
                                 state={"stage_index": stage.index, "stage": stage.name, "step": step,
-                                       "complete": complete, "fixed_loss": log.last_fixed},
+                                       "complete": complete, "fixed_loss": log.last_fixed,
+                                       "data_fingerprint": data_fp},
                                 optimizer=None if complete else opt.optimizer,
                                 ema=None if complete else ema,
                                 lr_scheduler=lr_sched, rng_states=rngs, scaler=acc.scaler)
@@ -201,7 +224,8 @@ def train(cfg: Config, resume: str | None = None) -> Path:
                 loss = _eval_loss(fixed, unet, conditioner, tables, null, bb, stage, device, weight_dtype)
             log.fixed(stage.name, step, loss)
 
-        fixed_loss()
+        if step == 0:  # a resumed stage logged its start already
+            fixed_loss()
         bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not main, dynamic_ncols=True)
         window, durations, seen = [], [], 0
         while step < stage.steps:
