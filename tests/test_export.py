@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from taxadiffusion.cli import main
 from taxadiffusion.config import from_dict, load_config
-from taxadiffusion.export import SHIM_FILE, SHIM_SOURCE, default_base_model, export_run
+from taxadiffusion.export import default_base_model, export_run
+from taxadiffusion.pipeline_io import SHIM_FILE, SHIM_SOURCE
 from taxadiffusion.pipeline import TaxaDiffusionPipeline
 from taxadiffusion.taxonomy import Taxonomy
 from tinyrun import write_images

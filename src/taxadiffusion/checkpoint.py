@@ -35,16 +35,28 @@ def save_unet_base(unet, d: Path) -> None:
     save_file(base, d / "diffusion_pytorch_model.safetensors")
 
 
+def lora_metadata(unet, adapter: str) -> dict:
+    """The adapter's LoraConfig as JSON values (sets sorted, so the file is reproducible); diffusers'
+    loader builds LoraConfig(**this), so the reloaded LoRA scales by the trained alpha / r."""
+    conf = unet.peft_config[adapter].to_dict()
+    return json.loads(json.dumps(conf, sort_keys=True, default=lambda o: sorted(o) if isinstance(
+        o, (set, frozenset)) else str(o)))
+
+
 def save_lora(unet, d: Path) -> None:
+    """The UNet's one LoRA adapter (whatever its name), unfused, in diffusers' format, with its
+    config in the file's metadata (as diffusers' training scripts write it), so any loader (ours,
+    diffusers' load_lora_weights) scales by alpha / r."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    # the adapter config (r, lora_alpha, targets) travels in the file's metadata, as diffusers'
-    # training scripts write it, so any loader (ours, diffusers' load_lora_weights) scales by alpha / r
+    adapters = list(unet.peft_config)
+    if len(adapters) != 1:
+        raise ValueError(f"the UNet has adapters {adapters}; a checkpoint holds exactly one")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapters[0]))
     StableDiffusionLoraLoaderMixin.save_lora_weights(
         d, unet_lora_layers=layers, safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        unet_lora_adapter_metadata=lora_metadata(unet, adapters[0]))
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -126,7 +126,7 @@ def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
 def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
     import torch
 
-    from .analysis.traits import (_grid, emergence_table, oracle_emergence, pixel_change_text, pixel_changes,
+    from .analysis.traits import (emergence_table, oracle_emergence, pixel_change_text, pixel_changes, seed_grid,
                                   short_label, shown_siblings, sibling_grid, sibling_reading, trait_grid)
     from .evaluation.tables import bucket_of
     from .evaluation.run import sample_dir
@@ -163,10 +163,10 @@ def _report(out: Path, tax, runs, results, few, common, oracle, table) -> None:
             continue
         png = out / "pictures" / f"traits-{names[-2]}_{names[-1]}.png"
         png.parent.mkdir(parents=True, exist_ok=True)
-        _grid(imgs, [short_label(ranks, names[: l + 1]) for l in range(len(names))], 0).save(png)
+        seed_grid(imgs, [short_label(ranks, names[: l + 1]) for l in range(len(names))], 0).save(png)
         sib, sib_labels, total = sibling_grid(pipe, " > ".join(names), n=N_TRAIT_SEEDS, seed=0, **kw)
         spng = out / "pictures" / f"siblings-{names[-2]}_{names[-1]}.png"
-        _grid(sib, sib_labels, 0).save(spng)
+        seed_grid(sib, sib_labels, 0).save(spng)
         shown = shown_siblings(pipe, " > ".join(names))[0]
         own = "" if len(shown) < 2 else ("; the oracle names each column's own species in {own_mean:.2f} of its "
                                          "images (guess {guess:.2f})").format(**sibling_reading(oracle, sib, shown))

@@ -18,7 +18,7 @@
 - save_pretrained / from_pretrained: diffusers' layout, safetensors and JSON only, the LoRA unfused
   in diffusers' format with its LoraConfig (alpha/r survives); `from_pretrained` builds explicit
   classes and never runs code from the folder, while `diffusers.DiffusionPipeline.from_pretrained(
-  folder, trust_remote_code=True)` loads it too. The layout and why: export.py.
+  folder, trust_remote_code=True)` loads it too. The layout and why: pipeline_io.py.
 """
 from __future__ import annotations
 
@@ -29,10 +29,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
-                       DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, ImagePipelineOutput, PNDMScheduler,
-                       UNet2DConditionModel, UniPCMultistepScheduler)
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -40,29 +37,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .conditioning import TaxonomyConditioner, TextEmbeddingCache, embedding_dtype
 from .config import SampleConfig, from_dict
 from .guidance import cfg as cfg_rule, in_interval, taxaguide
+from .pipeline_io import PIPELINE_FILE  # noqa: F401  (callers find a saved pipeline by it)
+from .schedulers import SCHEDULERS, make_scheduler  # noqa: F401  (part of the pipeline's API)
 from .taxonomy import Taxon, Taxonomy
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm++": DPMSolverMultistepScheduler,     # DPM-Solver++(2M), diffusers' default algorithm
-    "euler": EulerDiscreteScheduler,
-    "euler-a": EulerAncestralDiscreteScheduler,
-    "pndm": PNDMScheduler,                    # SD v1.5's default (the released code's sampler)
-    "unipc": UniPCMultistepScheduler,
-}
-# SD v1.5's scheduler settings where they differ from a class's defaults (its scheduler_config.json)
-SCHEDULER_SETTINGS = {"pndm": {"skip_prk_steps": True, "set_alpha_to_one": False},
-                      "ddim": {"set_alpha_to_one": False}}
-PIPELINE_FILE = "model_index.json"   # what marks a saved pipeline (layout: export.py)
 OUTPUT_TYPES = ("pil", "np", "pt", "uint8", "latent")
-
-
-def make_scheduler(name: str, config) -> object:
-    """A sampler over the training noise schedule `config` (the one schedule, DESIGN.md)."""
-    if name not in SCHEDULERS:
-        raise KeyError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config, **SCHEDULER_SETTINGS.get(name, {}))
 
 
 def image_seed(seed: int, i: int) -> int:
@@ -310,8 +289,8 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # -- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True,
                         **kwargs) -> None:
-        """diffusers' layout, safetensors and JSON only (export.write_pipeline)."""
-        from .export import write_pipeline
+        """diffusers' layout, safetensors and JSON only (pipeline_io.write_pipeline)."""
+        from .pipeline_io import write_pipeline
         if not safe_serialization:
             raise ValueError("a TaxaDiffusionPipeline is saved as safetensors only")
         if kwargs.get("push_to_hub"):
@@ -322,10 +301,10 @@ class TaxaDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype = torch.float32,
                         scheduler: str | None = None, **_) -> "TaxaDiffusionPipeline":
-        """A folder written by save_pretrained or `taxadiffusion export` (export.read_pipeline):
+        """A folder written by save_pretrained or `taxadiffusion export` (pipeline_io.read_pipeline):
         JSON read, explicit classes built, no code from the folder run. `scheduler` (a SCHEDULERS
         name) replaces the saved sampler, on the same noise schedule."""
-        from .export import read_pipeline
+        from .pipeline_io import read_pipeline
         return read_pipeline(cls, Path(path), torch_dtype, scheduler)
 
     @classmethod

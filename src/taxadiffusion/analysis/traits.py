@@ -213,7 +213,7 @@ def emergence_table(measured: torch.Tensor, reference: torch.Tensor, ranks: Sequ
                      for k in range(measured.shape[0])]}
 
 
-def _grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
+def seed_grid(images: torch.Tensor, col_labels: Sequence[str], seed: int):
     """Rows: image i (same noise across the row); columns: the first axis of `images`."""
     n, size = images.shape[1], images.shape[-1]
     rows = [images[:, i] for i in range(n)]
@@ -302,7 +302,7 @@ def traits_command(a) -> list[Path]:
     for lvl, imgs in enumerate(levels):
         save_pngs(imgs, [f"level{lvl}-seed{a.seed}-{i:04d}" for i in range(a.n)], folder / "images")
     lv_png = folder / f"levels-seed{a.seed}.png"
-    _grid(levels, [short_label(ranks, names[: lvl + 1]) for lvl in range(len(names))], a.seed).save(lv_png)
+    seed_grid(levels, [short_label(ranks, names[: lvl + 1]) for lvl in range(len(names))], a.seed).save(lv_png)
 
     sib, sib_labels, total = sibling_grid(pipe, a.taxon, a.n, a.seed, a.max_siblings, **kw)
     shown, _ = shown_siblings(pipe, a.taxon, a.max_siblings)
@@ -310,7 +310,7 @@ def traits_command(a) -> list[Path]:
         save_pngs(imgs, [f"{slug(p[-1])}-seed{a.seed}-{i:04d}" for i in range(a.n)],
                   folder / "siblings")
     sib_png = folder / f"siblings-seed{a.seed}.png"
-    _grid(sib, sib_labels, a.seed).save(sib_png)
+    seed_grid(sib, sib_labels, a.seed).save(sib_png)
 
     oracle = _oracle_of(a.run, pipe, names)
     emergence = _emergence_of(oracle, pipe, names, levels)
