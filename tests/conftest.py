@@ -55,3 +55,20 @@ def sd15_json_dir(tmp_path_factory) -> Path:
     """The same stand-in with tokenizer.json only, as current transformers saves a tokenizer."""
     from sdstub import write_sd15_stub
     return write_sd15_stub(tmp_path_factory.mktemp("sd15j") / "sd15", "json")
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's FID Inception at random init, saved where --fid-weights can point (the real
+    weights cannot be downloaded here; the code path is the same)."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from taxadiffusion.evaluation import fid
+    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path_factory.mktemp("inception") / fid.INCEPTION_FILE
+    torch.save(net.state_dict(), weights)
+    return weights

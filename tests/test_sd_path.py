@@ -293,22 +293,7 @@ def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return r
 
 
-def _random_inception(tmp: Path) -> Path:
-    """torch-fidelity's FID Inception at random init, saved where --fid-weights can point (the real
-    weights cannot be downloaded here; the code path is the same)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-    from taxadiffusion.evaluation import fid
-    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp / fid.INCEPTION_FILE
-    torch.save(net.state_dict(), weights)
-    return weights
-
-
-def test_cli_prepare_sample_export_evaluate_report(progressive, data):
+def test_cli_prepare_sample_export_evaluate_report(progressive, data, random_inception):
     """The rest of a user's session on the SD run: prepare the metadata, sample a trait row, export
     (diffusers layout), evaluate, rebuild the report; the export samples as the run does."""
     run, _, tmp = progressive
@@ -322,7 +307,7 @@ def test_cli_prepare_sample_export_evaluate_report(progressive, data):
     assert len(list((tmp / "s").glob("level*-seed0-*.png"))) == 8
     _cli(["export", str(run), str(tmp / "export"), "--sample-steps", "2", "--sample-images", "1"], env)
     assert (tmp / "export" / "model_index.json").exists()
-    weights = _random_inception(tmp)
+    weights = random_inception
     _cli(["evaluate", str(run), "--metrics", "fid", "--fid-weights", str(weights), "--n-per-taxon", "2",
           "--steps", "2", "--levels", "genus", "species", "--out", str(tmp / "ev")],
          {**env, "TORCH_HOME": str(tmp / "empty-torch-home")})
