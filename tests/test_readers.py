@@ -6,9 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from taxadiffusion.datasets import READERS, DataError, read_order_table, read_table
+from taxadiffusion.datasets import READERS, DataError, read_order_table
+from taxadiffusion.datasets import read_table as _read_table
 from taxadiffusion.datasets.fishnet import read_fishnet
 from taxadiffusion.datasets.inat import parse_folder_name
+
+
+def read_table(*args, **kw):
+    """These tests are about metadata, and the images are not there: the file check is off
+    (tests/test_bad_data.py covers missing image files)."""
+    kw.setdefault("check_files", False)
+    return _read_table(*args, **kw)
 
 CUB_HEADER = "file_name,kingdom,phylum,class,order,family,genus,specific_epithet\n"
 CUB_ROW = "images/a{i}.jpg,Animalia,Chordata,Aves,Procellariiformes,Diomedeidae,Phoebastria,nigripes\n"
@@ -84,10 +92,11 @@ def test_fishnet_order_table_is_recognised_and_usable(formats_dir, tmp_path):
     csv = csv.replace(",Gobiidae,3.22000002861023,benthic,1,0,0,0,0,0,1,0,Gobiiformes,",
                       ",Gobiidae,3.22000002861023,benthic,1,0,0,0,0,0,1,0,,")
     f = write(tmp_path / "anns" / "test.csv", csv)
-    t = read_fishnet(f, tmp_path, order_table=table, missing="drop")
+    t = read_fishnet(f, tmp_path, order_table=table, missing="drop", check_files=False)
     assert {x.lineage[1] for x in t.records} == {"Gobiiformes"}
     assert t.report.fixed["order from the family-to-order table"] == 8
-    t2 = read_fishnet(f, tmp_path, order_table=False, missing="drop")  # NewOrder repairs all but the emptied one
+    t2 = read_fishnet(f, tmp_path, order_table=False, missing="drop",
+                      check_files=False)  # NewOrder repairs all but the emptied one
     assert t2.report.fixed["order from NewOrder"] == 7
     assert t2.report.notes["order with '/' kept as written (no NewOrder or table entry)"] == 1
 
@@ -302,7 +311,7 @@ def test_path_escaping_the_root(tmp_path, bad):
               + CUB_ROW.format(i=2).replace("images/a2.jpg", bad))
     with pytest.raises(DataError, match="escapes the image root") as e:
         read_table("csv", f, root)
-    names_error(e.value, f, 3, "image")
+    names_error(e.value, f, 3, "file_name")  # the column the path came from
 
 
 def test_binomial_disagreeing_with_genus(tmp_path):

@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 ALL_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 # The released code fills a missing rank with the literal name "None" (REFERENCE-FACTS.md).
 NONE_NAME = "None"
+# Joins the names of a lineage in lookups ("Aves > Corvidae") and messages, so no name may hold it.
+LINEAGE_SEPARATOR = " > "
 # Few-shot species: at most this many training images (paper Sec. 4.4 uses 1-5).
 FEW_SHOT_MAX = 5
 
@@ -44,6 +46,18 @@ class Taxon:
 
     def __str__(self) -> str:
         return f"{self.rank}: {self.binomial}"
+
+
+def _check_names(lineage: tuple) -> None:
+    """Names `find`/`lookup` can reach: text, stripped, without the lineage separator. A name
+    holding " > " would be trained but could never be looked up by its lineage for sampling."""
+    for n in lineage:
+        if not isinstance(n, str) or not n or n != n.strip():
+            raise ValueError(f"lineage {lineage}: every name must be non-empty text without "
+                             f"surrounding spaces, got {n!r}")
+        if LINEAGE_SEPARATOR in n:
+            raise ValueError(f"lineage {lineage}: the name {n!r} holds the lineage separator "
+                             f"{LINEAGE_SEPARATOR!r}; rename it")
 
 
 class Taxonomy:
@@ -81,10 +95,15 @@ class Taxonomy:
             lin = tuple(lin)
             if not 1 <= len(lin) <= len(ranks) or any(not n for n in lin):
                 raise ValueError(f"lineage {lin} does not fit ranks {ranks}")
+            _check_names(lin)
             for i in range(len(lin)):
                 self._counts[lin[: i + 1]] += 1
         for path, n in (counts or {}).items():  # from JSON: counts are stored per path
-            self._counts[tuple(path)] = int(n)
+            path = tuple(path)
+            if not 1 <= len(path) <= len(ranks):
+                raise ValueError(f"lineage {path} does not fit ranks {ranks}")
+            _check_names(path)
+            self._counts[path] = int(n)
         self._build()
 
     def _build(self) -> None:
@@ -162,9 +181,9 @@ class Taxonomy:
     # -- lookup ------------------------------------------------------------------------------
     def find(self, name: str, rank: str | None = None) -> list[Taxon]:
         """Every taxon called `name` (a binomial for species), optionally at one rank."""
-        if " > " in name:  # a full lineage path
+        if LINEAGE_SEPARATOR in name:  # a full lineage path
             try:
-                return [self.make([n.strip() for n in name.split(" > ")])]
+                return [self.make([n.strip() for n in name.split(LINEAGE_SEPARATOR)])]
             except KeyError:
                 return []
         levels = [self.level_of(rank)] if rank else range(len(self.ranks) - 1, -1, -1)

@@ -1,7 +1,7 @@
 """Metadata readers: one module per format, each returning a validated `Table` (datasets/table.py).
 
 READERS maps a format name to its reader `read_xxx(metadata, root, *, ranks=None, missing="fill",
-strict=False) -> Table`. Image loading and preprocessing (torch) live in datasets/images.py and are
+strict=False, check_files=True) -> Table`. Image loading and preprocessing (torch) live in datasets/images.py and are
 not imported here, so the CLI can list formats without importing torch.
 """
 from __future__ import annotations
@@ -40,16 +40,18 @@ FORMAT_UPPER_RANKS: dict[str, tuple[str, ...]] = {
 
 def read_table(fmt: str, metadata: str | os.PathLike | None, root: str | os.PathLike, *,
                ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False,
-               **options: Any) -> Table:
+               check_files: bool = True, **options: Any) -> Table:
     """Read `metadata` in format `fmt`; `options` go to the reader (e.g. FishNet's order_table=).
 
     For "csv" `metadata=None` means `<root>/metadata.csv`; for "inat-folders" it means the root.
+    `check_files`: drop (count, list) rows whose image file does not exist; an error under strict.
     """
     if fmt not in READERS:
         raise ValueError(f"unknown metadata format {fmt!r}; known formats: {', '.join(sorted(READERS))}")
     if metadata is None and fmt not in ("csv", "inat-folders"):
         raise ValueError(f"format {fmt!r} needs a metadata file")
-    return READERS[fmt](metadata, root, ranks=ranks, missing=missing, strict=strict, **options)
+    return READERS[fmt](metadata, root, ranks=ranks, missing=missing, strict=strict,
+                        check_files=check_files, **options)
 
 
 __all__ = ["READERS", "FORMAT_RANKS", "FORMAT_UPPER_RANKS", "read_table", "read_order_table", "DataError", "RawRow", "ReadReport", "Record",

@@ -23,14 +23,16 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .parsing import (clean, find_columns, read_delimited, read_json, reject, require_columns,
-                      select_ranks, split_species)
+from .parsing import (clean, find_columns, json_text, read_delimited, read_json, reject,
+                      require_columns, select_ranks, split_species)
 from .table import DataError, RawRow, ReadReport, Table, build_table
 
 RANKS = ("class", "order", "family", "genus", "species")
 KINGDOM = "Animalia"
 DEFAULT_PHYLUM = "Arthropoda"  # every BIOSCAN specimen is an insect
 _TAR = re.compile(r"_(\d+)_OF_\d+\.tar$", re.IGNORECASE)
+# the BIOSCAN-5M keys read (JSON values of other keys may be numbers or lists: not checked)
+_TEXT_KEYS = frozenset({"processid", "id", "split", "chunk", "phylum", *RANKS})
 
 
 def _names(get, source, line, report: ReadReport, strict: bool) -> dict[str, str | None] | None:
@@ -50,16 +52,16 @@ def _names(get, source, line, report: ReadReport, strict: bool) -> dict[str, str
 
 def read_bioscan1m(metadata: str | os.PathLike, root: str | os.PathLike, *,
                    ranks: Sequence[str] | None = None, missing: str = "fill",
-                   strict: bool = False) -> Table:
+                   strict: bool = False, check_files: bool = True) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("bioscan1m", RANKS, ranks, ("kingdom", "phylum"))
-    header, rows = read_delimited(path)
+    report = ReadReport("bioscan1m", [str(path)])
+    header, rows = read_delimited(path, report, strict)
     cols = require_columns(path, header, [*_need(model), "image_file"], "(BIOSCAN-1M metadata)")
     cols.update(find_columns(header, ["phylum", "chunk_number", "image_tar", "processid", "sampleid"]))
     if "chunk_number" not in cols and "image_tar" not in cols:
         raise DataError(path, 1, "chunk_number", "missing column chunk_number (images are in "
                         "part<chunk_number>/) and no image_tar column to derive it from")
-    report = ReadReport("bioscan1m", [str(path)])
 
     def raws() -> Iterator[RawRow]:
         for line, row in rows:
@@ -84,11 +86,12 @@ def read_bioscan1m(metadata: str | os.PathLike, root: str | os.PathLike, *,
             elif not chunk.isdigit():
                 raise DataError(path, line, cols["chunk_number"], f"chunk_number {chunk!r} is not a number")
             image_id = clean(get("processid")) or clean(get("sampleid")) or image_file
-            yield RawRow(image_id, f"part{int(chunk)}/{image_file}", names, str(path), line)
+            yield RawRow(image_id, f"part{int(chunk)}/{image_file}", names, str(path), line,
+                         image_field=cols["image_file"])
 
     return build_table(raws(), fmt="bioscan1m", sources=[str(path)], root=root, ranks=model,
                        preprocess="bioscan", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)
 
 
 def _need(model: Sequence[str]) -> list[str]:
@@ -96,11 +99,15 @@ def _need(model: Sequence[str]) -> list[str]:
     return [r for r in RANKS if r in model or (r == "genus" and "species" in model)]
 
 
-def _records_5m(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, dict]], str]:
-    """(row number, record) pairs from the CSV or the JSON list, and the unit name for errors.
+def _records_5m(path: Path, need: Sequence[str], report: ReadReport,
+                strict: bool) -> tuple[Iterator[tuple[int, dict]], str]:
+    """(row number, record with lower-case keys and text values) pairs from the CSV or the JSON
+    list, and the unit name for errors.
 
     JSON records leave out empty fields (a record without `species` is a missing species), so only
-    the CSV must have every needed column."""
+    the CSV must have every needed column. JSON values must be text (numbers only for `chunk`):
+    a list or an object as a name is a DataError naming the record and key, and so are two keys
+    that differ only in case (`genus` and `Genus`) with different values."""
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if path.suffix.lower() == ".json" or head.startswith(b"["):
@@ -110,25 +117,42 @@ def _records_5m(path: Path, need: Sequence[str]) -> tuple[Iterator[tuple[int, di
         def it():
             for i, rec in enumerate(data):
                 if not isinstance(rec, dict):
-                    raise DataError(path, i + 1, None, f"record {i} is not an object")
-                yield i + 1, {k: v for k, v in rec.items() if not k.startswith("_")}
+                    raise DataError(path, i + 1, None, f"record {i} is a {type(rec).__name__}, "
+                                    f"not an object")
+                out: dict[str, str | None] = {}
+                for k, v in rec.items():
+                    key = k.strip().lower()
+                    if k.startswith("_") or key not in _TEXT_KEYS:
+                        continue  # notes, and fields we do not read (numbers, barcodes, ...)
+                    v = json_text(v, source=path, row=i + 1, field=key, integers=key == "chunk")
+                    if key in out and out[key] != v:
+                        raise DataError(path, i + 1, key, f"two keys for {key!r} in record {i} "
+                                        f"with different values ({out[key]!r}, {v!r}); keep one")
+                    out[key] = v
+                yield i + 1, out
         return it(), "record"
-    header, rows = read_delimited(path)
+    header, rows = read_delimited(path, report, strict)
     require_columns(path, header, ["processid", "split", *need], "(BIOSCAN-5M metadata)")
-    return rows, "row"
+
+    def lowered():  # find_columns' case-insensitive match; the first of two spellings wins
+        for n, row in rows:
+            out: dict[str, str] = {}
+            for k, v in row.items():
+                out.setdefault(k.strip().lower(), v)
+            yield n, out
+    return lowered(), "row"
 
 
 def read_bioscan5m(metadata: str | os.PathLike, root: str | os.PathLike, *,
                    ranks: Sequence[str] | None = None, missing: str = "fill",
-                   strict: bool = False) -> Table:
+                   strict: bool = False, check_files: bool = True) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("bioscan5m", RANKS, ranks, ("kingdom", "phylum"))
     report = ReadReport("bioscan5m", [str(path)])
-    records, unit = _records_5m(path, _need(model))
+    records, unit = _records_5m(path, _need(model), report, strict)
 
     def raws() -> Iterator[RawRow]:
-        for n, rec in records:
-            lower = {str(k).strip().lower(): v for k, v in rec.items()}
+        for n, lower in records:
             names = _names(lower.get, path, n, report, strict)
             if names is None:
                 continue
@@ -143,8 +167,8 @@ def read_bioscan5m(metadata: str | os.PathLike, root: str | os.PathLike, *,
             if chunk is None:
                 report.notes["no chunk (image at <split>/<processid>.jpg)"] += 1
             rel = f"{split}/{chunk}/{pid}.jpg" if chunk else f"{split}/{pid}.jpg"
-            yield RawRow(pid, rel, names, str(path), n)
+            yield RawRow(pid, rel, names, str(path), n, image_field="processid")
 
     return build_table(raws(), fmt="bioscan5m", sources=[str(path)], root=root, ranks=model,
                        preprocess="bioscan", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)

@@ -119,10 +119,11 @@ def _basename(image: str) -> str:
 def read_fishnet(metadata: str | os.PathLike, root: str | os.PathLike, *,
                  ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False,
                  order_table: str | os.PathLike | None | Literal[False] = None,
-                 boxes: str | os.PathLike | None = None) -> Table:
+                 boxes: str | os.PathLike | None = None, check_files: bool = True) -> Table:
     path = Path(metadata)
     model, upper = select_ranks("fishnet", RANKS, ranks, tuple(FIXED_UPPER))
-    header, rows = read_delimited(path)
+    report = ReadReport("fishnet", [str(path)])
+    header, rows = read_delimited(path, report, strict)
     if _is_order_table(header):
         raise DataError(path, 1, "image", "this is FishNet's family-to-order table (Family, Order, "
                         "Order_new), not image metadata: pass anns/train.csv or anns/test.csv as the "
@@ -135,7 +136,7 @@ def read_fishnet(metadata: str | os.PathLike, root: str | os.PathLike, *,
     table_path = None if order_table is False else (order_table or find_order_table(path))
     orders = read_order_table(table_path) if table_path else {}
     sources = [str(path)] + ([str(table_path)] if table_path else [])
-    report = ReadReport("fishnet", sources)
+    report.sources = sources
     root_p = Path(root)
     box_roots = [Path(boxes)] if boxes else [root_p, root_p / "Images"]
 
@@ -207,8 +208,9 @@ def read_fishnet(metadata: str | os.PathLike, root: str | os.PathLike, *,
             # rows the "drop" policy will drop need no box (and are not counted in box notes)
             dropped = missing == "drop" and any(not names[r] for r in model)
             box = None if dropped else box_of(folder, PurePosixPath(base).stem)
-            yield RawRow(image_id or base, f"{folder}/{base}", names, str(path), line, box)
+            yield RawRow(image_id or base, f"{folder}/{base}", names, str(path), line, box,
+                         image_field=cols["image"])
 
     return build_table(raws(), fmt="fishnet", sources=sources, root=root, ranks=model,
                        preprocess="fishnet", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)

@@ -22,10 +22,12 @@ SPECIES_COLUMNS = ("species", "specific_epithet")
 
 
 def read_csv(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
-             ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False) -> Table:
+             ranks: Sequence[str] | None = None, missing: str = "fill", strict: bool = False,
+             check_files: bool = True) -> Table:
     """Read a generic CSV; `metadata=None` means `<root>/metadata.csv`."""
     path = Path(metadata) if metadata is not None else Path(root) / "metadata.csv"
-    header, rows = read_delimited(path)
+    report = ReadReport("csv", [str(path)])
+    header, rows = read_delimited(path, report, strict)
     cols = find_columns(header, ["file_name", "image_id", *ALL_RANKS[:-1], *SPECIES_COLUMNS])
     if "file_name" not in cols:
         raise DataError(path, 1, "file_name", "missing column 'file_name' (the image path relative "
@@ -39,7 +41,6 @@ def read_csv(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
         raise DataError(path, 1, "kingdom", "no rank column; expected some of "
                         f"{', '.join(ALL_RANKS[:-1])} and species or specific_epithet")
     model, upper = select_ranks("csv", available, ranks)
-    report = ReadReport("csv", [str(path)])
 
     def raws():
         for line, row in rows:
@@ -59,8 +60,9 @@ def read_csv(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
                        problem="empty file_name", reason="no image file name")
                 continue
             image_id = (row.get(cols["image_id"]) or "").strip() if "image_id" in cols else ""
-            yield RawRow(image_id or file_name, file_name, names, str(path), line)
+            yield RawRow(image_id or file_name, file_name, names, str(path), line,
+                         image_field=cols["file_name"])
 
     return build_table(raws(), fmt="csv", sources=[str(path)], root=root, ranks=model,
                        preprocess="center", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)

@@ -45,13 +45,33 @@ class BadImageWarning(UserWarning):
     """An image could not be read and was replaced by another record's image."""
 
 
+# Single-channel modes wider than 8 bits. PIL's convert("RGB") clips them at 255 (a 16-bit PNG
+# comes out nearly white), so they are scaled by hand. 16-bit RGB PNGs PIL already reads as 8-bit
+# "RGB" (the high byte of each sample), which is the right scaling.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in WIDE_MODES:
+        a = np.asarray(im).astype(np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            a = a * 255.0                  # float images in [0, 1]
+        elif im.mode.startswith("I;16") or top > 255:
+            # 16-bit data (mode "I" is how PIL once read 16-bit PNGs): 65535 -> 255; wider data
+            # is scaled by its own maximum. Values <= 255 in "I"/"F" are 8-bit data stored wide.
+            a = a / (257.0 if top <= 65535 else top / 255.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("P", "PA"):  # palette transparency goes through RGBA, as released
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """The decoded RGB image; raises whatever PIL raises for a missing or corrupt file."""
+    """The decoded 8-bit RGB image; raises whatever PIL raises for a missing or corrupt file."""
     with Image.open(path) as im:
         im.load()  # decode now, so a truncated file fails here and not later in a crop
-        if im.mode in ("P", "PA"):  # palette transparency goes through RGBA, as released
-            im = im.convert("RGBA")
-        return im.convert("RGB")
+        return _to_rgb(im)
 
 
 def _resize(img: Image.Image, resolution: int) -> Image.Image:
@@ -125,13 +145,14 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class SpeciesImageDataset(torch.utils.data.Dataset):
-    """Records of a Table as {"pixels", "ids", "index", "bad"}.
+    """Records of a Table as {"pixels", "ids", "index", "bad", "requested"}.
 
     pixels: (3, R, R) in [-1, 1]. ids: (num_levels,) vocabulary id per level, -1 below the record's
-    lineage (the "keep" policy). index: the record actually returned. bad: 1 when record `index`
-    replaced an unreadable one: then the item is wholly that record (its image AND its ids), so
-    image and labels always agree; it is the next readable record after the requested one, so the
-    replacement is deterministic. Training crops draw from a generator seeded with
+    lineage (the "keep" policy). index: the record actually returned. requested: the record asked
+    for; when bad, it is the unreadable one, so a log names `records[requested]`, not the
+    replacement. bad: 1 when record `index` replaced an unreadable one: then the item is wholly
+    that record (its image AND its ids), so image and labels always agree; it is the next readable
+    record after the requested one, so the replacement is deterministic. Training crops draw from a generator seeded with
     (seed, epoch, index): the same item is the same tensor on every run, worker count and resume,
     and changes from epoch to epoch (`set_epoch`). Evaluation (train=False) crops are fixed.
     """
@@ -193,7 +214,8 @@ class SpeciesImageDataset(torch.utils.data.Dataset):
                                   BadImageWarning, stacklevel=2)
                 continue
             px = to_tensor(self.fn(img, r.box, self.resolution, self.rng(j, epoch)))
-            return {"pixels": px, "ids": self.ids[j].clone(), "index": j, "bad": int(k > 0)}
+            return {"pixels": px, "ids": self.ids[j].clone(), "index": j, "bad": int(k > 0),
+                    "requested": index}
         raise RuntimeError(f"none of the {n} images of this table can be read (first: "
                            f"{self.records[0].path})")
 
@@ -203,6 +225,7 @@ def _check(path: str) -> str | None:
         with Image.open(path) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))  # JPEG: decode at 1/8
             im.load()
+            _to_rgb(im)  # a mode PIL cannot convert fails here, not in the middle of training
         return None
     except Exception as e:  # every reason a file cannot be decoded
         return f"{type(e).__name__}: {e}"

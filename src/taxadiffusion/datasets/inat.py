@@ -15,6 +15,7 @@ training, centre crop for evaluation).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..taxonomy import ALL_RANKS
-from .parsing import clean, read_json, reject, select_ranks, split_species
+from .parsing import clean, json_text, read_json, reject, select_ranks, split_species
 from .table import DataError, RawRow, ReadReport, Table, build_table
 
 # JSON category key per canonical rank
@@ -48,16 +49,51 @@ def _names(lineage: Sequence[str | None]) -> dict[str, str | None]:
     return {r: clean(n) for r, n in zip(ALL_RANKS, lineage)}
 
 
+def _int(rec: dict, key: str, path: Path, i: int, what: str) -> int:
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise DataError(path, i + 1, key, f"{what} record {i}: {key!r} must be an integer (the iNat "
+                        f"2021 schema), got {type(v).__name__} {json.dumps(v)[:60]}")
+    return v
+
+
+_SINGULAR = {"images": "image", "categories": "category", "annotations": "annotation"}
+
+
+def _objects(data: dict, key: str, path: Path) -> list[dict]:
+    """data[key] as a list of objects, or a DataError naming the key (and the record)."""
+    v, one = data[key], _SINGULAR[key]
+    if not isinstance(v, list):
+        got = "null" if v is None else f"a {type(v).__name__}"
+        raise DataError(path, None, key, f"{key!r} is {got}; the iNat 2021 schema has a list of "
+                        f"{one} objects there")
+    for i, rec in enumerate(v):
+        if not isinstance(rec, dict):
+            raise DataError(path, i + 1, key, f"{one} record {i} is {type(rec).__name__} "
+                            f"{json.dumps(rec)[:60]}, not an object")
+    return v
+
+
+def _check_keys(rec: dict, keys: Sequence[str], path: Path, i: int, what: str) -> None:
+    absent = [k for k in keys if k not in rec]
+    if absent:
+        raise DataError(path, i + 1, absent[0], f"{what} record {i} has no {absent[0]!r}")
+
+
 def read_inat2021(metadata: str | os.PathLike, root: str | os.PathLike, *,
                   ranks: Sequence[str] | None = None, missing: str = "fill",
-                  strict: bool = False) -> Table:
+                  strict: bool = False, check_files: bool = True) -> Table:
+    """Every record is checked against the schema's types (ids int, file_name and rank names text,
+    a null rank is missing): a wrong type is a DataError naming the record and the field. Two
+    image records with one id: a DataError under --strict, else their annotations are dropped
+    (counted); an identical repeat is only noted."""
     path = Path(metadata)
     model, upper = select_ranks("inat2021", ALL_RANKS, ranks)
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(path, None, None, "expected a JSON object with images, categories, annotations")
     for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
+        if key not in data:
             raise DataError(path, None, key, f"missing or not a list: {key!r}")
     if "annotations" not in data:
         raise DataError(path, None, "annotations",
@@ -66,40 +102,64 @@ def read_inat2021(metadata: str | os.PathLike, root: str | os.PathLike, *,
     report = ReadReport("inat2021", [str(path)])
 
     categories: dict[int, dict[str, str | None]] = {}
-    for i, c in enumerate(data["categories"]):
-        absent = [k for k in ("id", *CATEGORY_KEYS.values()) if k not in c]
-        if absent:
-            raise DataError(path, i + 1, absent[0], f"category record {i} has no {absent[0]!r}")
-        categories[c["id"]] = _names([c[CATEGORY_KEYS[r]] for r in ALL_RANKS])
-    images: dict = {}
-    for i, im in enumerate(data["images"]):
-        for k in ("id", "file_name"):
-            if k not in im:
-                raise DataError(path, i + 1, k, f"image record {i} has no {k!r}")
-        images[im["id"]] = im
+    cat_row: dict[int, int] = {}
+    for i, c in enumerate(_objects(data, "categories", path)):
+        _check_keys(c, ("id", *CATEGORY_KEYS.values()), path, i, "category")
+        cid = _int(c, "id", path, i, "category")
+        names = {r: json_text(c[k], source=path, row=i + 1, field=k) for r, k in CATEGORY_KEYS.items()}
+        if categories.setdefault(cid, names) != names:
+            raise DataError(path, i + 1, "id", f"category id {cid} is also category record "
+                            f"{cat_row[cid]} with another lineage; category ids must be unique")
+        cat_row.setdefault(cid, i)
+    images: dict[int, tuple[int, str]] = {}       # id -> (record index, file_name)
+    twice: dict[int, tuple[int, str, int, str]] = {}  # id -> both records, when they differ
+    for i, im in enumerate(_objects(data, "images", path)):
+        _check_keys(im, ("id", "file_name"), path, i, "image")
+        iid = _int(im, "id", path, i, "image")
+        name = im["file_name"]
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(path, i + 1, "file_name", f"image record {i}: 'file_name' must be a "
+                            f"non-empty string (a path under the image root), got {json.dumps(name)[:60]}")
+        first = images.setdefault(iid, (i, name))
+        if first[0] != i:
+            if first[1] == name:
+                report.notes["image record repeated (identical, used once)"] += 1
+                continue
+            problem = (f"image id {iid} names two files: image record {first[0]} ({first[1]!r}) and "
+                       f"image record {i} ({name!r}); image ids must be unique")
+            if strict:
+                raise DataError(path, i + 1, "id", problem)
+            twice.setdefault(iid, (first[0], first[1], i, name))
+    anns = _objects(data, "annotations", path)
 
     def raws():
-        for i, ann in enumerate(data["annotations"]):
+        for i, ann in enumerate(anns):
             row = i + 1
-            for k in ("image_id", "category_id"):
-                if k not in ann:
-                    raise DataError(path, row, k, f"annotation record {i} has no {k!r}")
-            im = images.get(ann["image_id"])
-            if im is None:
+            _check_keys(ann, ("image_id", "category_id"), path, i, "annotation")
+            iid, cat = _int(ann, "image_id", path, i, "annotation"), _int(ann, "category_id", path, i,
+                                                                            "annotation")
+            if iid in twice:
+                a, fa, b, fb = twice[iid]
                 reject(report, strict=strict, source=path, row=row, field="image_id",
-                       problem=f"annotation {i} points at image id {ann['image_id']} "
+                       problem=f"annotation {i} points at image id {iid}, which names two files: "
+                               f"image record {a} ({fa!r}) and image record {b} ({fb!r})",
+                       reason="image id with two image records")
+                continue
+            if iid not in images:
+                reject(report, strict=strict, source=path, row=row, field="image_id",
+                       problem=f"annotation {i} points at image id {iid} "
                                f"which is not in 'images'", reason="annotation without image")
                 continue
-            cat = ann["category_id"]
+            file_name = images[iid][1]
             names = categories.get(cat)
             if names is None:
-                folder = parse_folder_name(Path(im["file_name"]).parent.name)
+                folder = parse_folder_name(Path(file_name).parent.name)
                 if folder is None or folder[0] != cat:
                     got = (f"its folder number {folder[0]} differs" if folder
                            else "its folder name is not NNNNN_Kingdom_..._epithet")
                     reject(report, strict=strict, source=path, row=row, field="category_id",
                            problem=f"category id {cat} is not in 'categories' and {got} "
-                                   f"({im['file_name']})", reason="unknown category id")
+                                   f"({file_name})", reason="unknown category id")
                     continue
                 names = _names(folder[1])
                 report.fixed["lineage from the folder name (category not listed)"] += 1
@@ -109,17 +169,17 @@ def read_inat2021(metadata: str | os.PathLike, root: str | os.PathLike, *,
                 reject(report, strict=strict, source=path, row=row, field="specific_epithet",
                        problem=problem, reason="binomial disagrees with genus")
                 continue
-            yield RawRow(str(im["id"]), im["file_name"], {**names, "species": epithet},
-                         str(path), row)
+            yield RawRow(str(iid), file_name, {**names, "species": epithet}, str(path), row,
+                         image_field="file_name")
 
     return build_table(raws(), fmt="inat2021", sources=[str(path)], root=root, ranks=model,
                        preprocess="inat", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)
 
 
 def read_inat_folders(metadata: str | os.PathLike | None, root: str | os.PathLike, *,
                       ranks: Sequence[str] | None = None, missing: str = "fill",
-                      strict: bool = False) -> Table:
+                      strict: bool = False, check_files: bool = True) -> Table:
     """Scan `metadata` (a directory of class folders; None: the image root itself)."""
     top = Path(metadata) if metadata is not None else Path(root)
     if not top.is_dir():
@@ -151,4 +211,4 @@ def read_inat_folders(metadata: str | os.PathLike | None, root: str | os.PathLik
 
     return build_table(raws(), fmt="inat-folders", sources=[str(top)], root=root, ranks=model,
                        preprocess="inat", missing=missing, strict=strict, upper_ranks=upper,
-                       report=report)
+                       report=report, check_files=check_files)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,12 +21,30 @@ from .table import DataError, ReadReport
 MISSING_VALUES = frozenset({"", "not_classified", "nan", "none", "null", "na", "n/a"})
 
 
-def clean(value: Any) -> str | None:
-    """A stripped name, or None when the cell means "missing"."""
+def clean(value: str | None) -> str | None:
+    """A stripped name, or None when the cell means "missing". Cells of JSON files go through
+    `json_text` first: str() of a list would turn ["Empidonax"] into the name "['Empidonax']"."""
     if value is None:
         return None
-    s = str(value).strip()
+    if not isinstance(value, str):
+        raise TypeError(f"a name must be a string, got {type(value).__name__} {value!r:.60}")
+    s = value.strip()
     return None if s.lower() in MISSING_VALUES else s
+
+
+def json_text(value: Any, *, source: str | os.PathLike, row: int | None, field: str,
+              integers: bool = False) -> str | None:
+    """A JSON value that must be text: a string, null (missing) or NaN (pandas' missing value, which
+    Python's json module reads), and with `integers` an int (a BIOSCAN chunk). Anything else is a
+    DataError naming the record and the field: never a name made up from a list or a number."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, str):
+        return clean(value)
+    if integers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(source, row, field, f"expected a string{' or an integer' if integers else ''}, "
+                    f"got {type(value).__name__} {json.dumps(value)[:60]}; fix the record")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -69,13 +88,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(path, e.lineno, None, f"not valid JSON: {e.msg} (column {e.colno})") from e
 
 
-def read_delimited(path: str | os.PathLike) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
+def read_delimited(path: str | os.PathLike, report: ReadReport | None = None, strict: bool = False
+                   ) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
     """Header and (line number, row dict) pairs of a CSV or TSV file, streamed (BIOSCAN-1M's
     metadata is over a gigabyte).
 
     The delimiter is a tab when the header line holds one (BIOSCAN-1M's official TSV), else a comma.
     Line numbers are physical lines (header = line 1), so a user can open the file at that line.
-    A row with more cells than the header is an error naming the row.
+    A ragged row (more or fewer cells than the header; empty cells past the end are harmless) would
+    shift or blank its columns, so it is never read: a DataError under `strict` or without a
+    `report` (lookup tables), else a counted skip. Two header cells naming one column (`genus`
+    twice, or `genus` and `Genus`) are reported (error under `strict`); the first one is used.
     """
     path = Path(path)
     try:
@@ -98,6 +121,12 @@ def read_delimited(path: str | os.PathLike) -> tuple[list[str], Iterator[tuple[i
     except csv.Error as e:
         f.close()
         raise DataError(path, 1, None, f"cannot parse the header: {e}") from e
+    try:
+        keep = _duplicate_columns(path, header, report, strict)
+    except DataError:
+        f.close()
+        raise
+    n = len(header)
 
     def rows() -> Iterator[tuple[int, dict[str, str]]]:
         with f:
@@ -112,12 +141,46 @@ def read_delimited(path: str | os.PathLike) -> tuple[list[str], Iterator[tuple[i
                     raise DataError(path, reader.line_num, None, f"cannot parse the row: {e}") from e
                 if not cells or not any(c.strip() for c in cells):
                     continue  # blank line
-                if len(cells) > len(header):
-                    raise DataError(path, reader.line_num, None,
-                                    f"{len(cells)} cells but the header has {len(header)} columns")
-                yield reader.line_num, dict(zip(header, cells))
+                if len(cells) != n:
+                    if len(cells) > n and not any(c.strip() for c in cells[n:]):
+                        cells = cells[:n]  # "a,b,c,," from a spreadsheet: nothing is shifted
+                    else:
+                        problem = (f"{len(cells)} cells but the header has {n} columns (an "
+                                   f"unquoted delimiter in a cell, or cells left out); quote or fix it")
+                        if report is None:
+                            raise DataError(path, reader.line_num, None, problem)
+                        reject(report, strict=strict, source=path, row=reader.line_num, field=None,
+                               problem=problem, reason="ragged row")
+                        continue
+                if keep is None:
+                    yield reader.line_num, dict(zip(header, cells))
+                else:  # an exact duplicate name: dict(zip()) would keep the LAST column
+                    yield reader.line_num, {header[i]: cells[i] for i in keep}
 
     return header, rows()
+
+
+def _duplicate_columns(path: Path, header: Sequence[str], report: ReadReport | None,
+                       strict: bool) -> list[int] | None:
+    """Report header cells that name one column (case-insensitive; unnamed cells are ignored).
+    Returns the column indices to read when a name repeats exactly (the first of each), else None."""
+    by_key: dict[str, list[int]] = {}
+    for i, h in enumerate(header):
+        if h:
+            by_key.setdefault(unicodedata.normalize("NFKC", h).casefold(), []).append(i)
+    for idx in (v for v in by_key.values() if len(v) > 1):
+        cols = " and ".join(f"{i + 1} {header[i]!r}" for i in idx)
+        problem = (f"columns {cols} name the same field; the first (column {idx[0] + 1}) is used: "
+                   f"rename or remove the other")
+        if strict or report is None:
+            raise DataError(path, 1, header[idx[1]], problem)
+        report.warnings.append(f"{path}, row 1, field {header[idx[1]]!r}: {problem}")
+    if len(set(header)) == len(header):
+        return None
+    first: dict[str, int] = {}
+    for i, h in enumerate(header):
+        first.setdefault(h, i)
+    return sorted(first.values())
 
 
 def find_columns(header: Sequence[str], wanted: Sequence[str]) -> dict[str, str]:

@@ -2,8 +2,9 @@
 `taxonomy.json`, `table.csv`, `report.json` and optionally `preview.png` (a few images per family).
 
 The summary is the user's one look at their data before a long run: images, taxa per rank, few-shot
-species (paper Sec. 4.4: at most 5 training images), rows read and dropped by reason, what was
-filled, truncated, fixed or noted, and the first warnings (all of them are in report.json).
+species (paper Sec. 4.4: at most 5 training images), rows read and dropped by reason (missing image
+files and ragged rows included), what was filled, truncated, fixed or noted, and the first warnings
+(all of them are in report.json).
 """
 from __future__ import annotations
 
@@ -102,10 +103,14 @@ def write_preview(table: Table, taxonomy: Taxonomy, path: str | os.PathLike, *,
 def prepare(fmt: str, metadata: str | os.PathLike | None, *, images: str | os.PathLike,
             out: str | os.PathLike = "prepared", ranks: Sequence[str] | None = None,
             missing: str = "fill", strict: bool = False, preview: bool = False,
-            check_images: bool = False, verbose: bool = True,
+            check_images: bool = False, check_files: bool = True, verbose: bool = True,
             **options: Any) -> tuple[Table, Taxonomy]:
-    """Read, validate, summarise and write the prepared folder; returns (table, taxonomy)."""
-    table = read_table(fmt, metadata, images, ranks=ranks, missing=missing, strict=strict, **options)
+    """Read, validate, summarise and write the prepared folder; returns (table, taxonomy).
+
+    Every image file is looked up (one stat each) unless `check_files` is False; `check_images`
+    also decodes every image (parallel, with a progress bar)."""
+    table = read_table(fmt, metadata, images, ranks=ranks, missing=missing, strict=strict,
+                       check_files=check_files, **options)
     bad: list[tuple[str, str]] = []
     if check_images:
         from .images import check_images as _check_images
@@ -119,12 +124,16 @@ def prepare(fmt: str, metadata: str | os.PathLike | None, *, images: str | os.Pa
               "upper_ranks": list(table.upper_ranks), "preprocess": table.preprocess,
               "images": len(table.records), "taxa": taxonomy.summary(),
               "few_shot_species": len(taxonomy.few_shot_species()),
-              "images_checked": bool(check_images),
+              "image_files_checked": bool(check_files), "images_checked": bool(check_images),
               "unreadable_images": [{"path": p, "error": e} for p, e in bad]}
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     lines = summary(table, taxonomy)
-    lines.insert(3, f"  unreadable images: {len(bad)} (dropped; listed in report.json)" if check_images
-                 else "  images not opened (--check-images counts unreadable ones)")
+    missing_files = table.report.dropped.get("image file missing", 0)
+    files = (f"image files missing: {missing_files} (dropped; listed in the warnings)" if check_files
+             else "image files not looked up")
+    lines.insert(3, f"  {files}; " + (f"unreadable images: {len(bad)} (dropped; listed in "
+                                      f"report.json)" if check_images
+                                      else "images not decoded (--check-images counts unreadable ones)"))
     written = ["taxonomy.json", "table.csv", "report.json"]
     if preview:
         write_preview(table, taxonomy, out / "preview.png")
