@@ -352,3 +352,32 @@ def test_ranks_selection_and_missing_values(tmp_path):
         read_table("csv", None, tmp_path, ranks=["family", "species"])
     with pytest.raises(ValueError, match="cannot model rank"):
         read_table("fishnet", tmp_path / "x.csv", tmp_path, ranks=["kingdom", "species"])
+
+
+def test_symlinks_leaving_the_root_and_the_list_of_missing_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from taxadiffusion.datasets import table as table_mod
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "img").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(outside / "o.jpg")
+    Image.new("RGB", (4, 4)).save(root / "img" / "a.jpg")
+    (root / "img" / "in.jpg").symlink_to(root / "img" / "a.jpg")   # inside: followed
+    (root / "img" / "out.jpg").symlink_to(outside / "o.jpg")       # a file leaving the root
+    (root / "away").symlink_to(outside, target_is_directory=True)  # a folder leaving the root
+    f = write(tmp_path / "m.csv", CUB_HEADER + CUB_ROW.format(i=1).replace("images/a1", "img/in"))
+    (rec,) = _read_table("csv", f, root).records
+    assert rec.path == str(root.resolve() / "img" / "a.jpg")
+    for bad in ("img/out.jpg", "away/o.jpg"):
+        f = write(tmp_path / "m.csv", CUB_HEADER + CUB_ROW.format(i=1).replace("images/a1.jpg", bad))
+        with pytest.raises(DataError, match="escapes the image root") as e:
+            _read_table("csv", f, root)
+        names_error(e.value, f, 2, "file_name")
+    # a wrong image root: every missing file is counted, only the first few are listed
+    monkeypatch.setattr(table_mod, "LIST_MISSING_FILES", 2)
+    f = write(tmp_path / "m.csv", CUB_HEADER + CUB_ROW.format(i=0).replace("images/a0", "img/a")
+              + "".join(CUB_ROW.format(i=i) for i in range(1, 6)))
+    t = _read_table("csv", f, root)
+    assert t.report.dropped == {"image file missing": 5} and len(t.report.warnings) == 3
+    assert t.report.warnings[-1].startswith("... and 3 more missing image files")

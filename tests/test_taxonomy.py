@@ -88,3 +88,12 @@ def test_truncated_lineages_count_only_their_levels():
 def test_bad_ranks_rejected():
     with pytest.raises(ValueError, match="ordered"):
         Taxonomy(("species", "genus"), [])
+
+
+@pytest.mark.parametrize("name", ["Aves > Corvidae", " Corvus", "Corvus ", ""])
+def test_names_lookup_cannot_reach_are_refused(name):
+    # " > " joins lineages in lookup(); find() strips each name: such a taxon could never be sampled
+    with pytest.raises(ValueError, match="lineage"):
+        Taxonomy(("genus", "species"), [(name, "corax")])
+    with pytest.raises(ValueError, match="lineage"):
+        Taxonomy.from_dict({"ranks": ["genus"], "counts": [[[name], 1]]})
