@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, from_dict
+from .config import Config, config_from_file
 from .taxonomy import Taxonomy
 
 STATE_FILE = "state.json"
@@ -278,7 +278,7 @@ def load_pipeline_parts(d: Path, torch_dtype: torch.dtype = torch.float32,
 
     from .backbone import add_lora, load_sd15
     from .conditioning import TaxonomyConditioner
-    cfg = from_dict(json.loads((d / "config.json").read_text()))
+    cfg = config_from_file(d / "config.json")
     if pretrained:
         cfg.model.pretrained = pretrained
     kw = dict(use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype)

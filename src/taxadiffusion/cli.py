@@ -82,13 +82,17 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="a name placed under two parents is an error")
     p.add_argument("--preview", action="store_true", help="write preview.png: a few images per family")
     p.add_argument("--check-images", action="store_true", help="open every image and count unreadable ones")
+    p.add_argument("--no-check-files", dest="check_files", action="store_false",
+                   help="do not look up each image file (by default every file is checked; missing "
+                        "ones are dropped, counted and listed, an error under --strict)")
 
 
 def _prepare(a: argparse.Namespace) -> None:
     from .datasets.prepare import prepare
     prepare(a.format, a.metadata, images=a.images, out=a.out or "prepared",
             ranks=a.ranks.split(",") if a.ranks else None, missing=a.missing_ranks,
-            strict=a.strict, preview=a.preview, check_images=a.check_images)
+            strict=a.strict, preview=a.preview, check_images=a.check_images,
+            check_files=a.check_files)
 
 
 # -- train -----------------------------------------------------------------------------------------------
@@ -97,6 +101,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data train.batch_size=8")
     p.add_argument("--stages", default=None, help="'all', a stage index, or a comma list (train.stages)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even where the checkpoint's config or data differ from this run's "
+                        "(refused otherwise, naming the fields)")
     p.add_argument("--output_dir", default=None, help="parent of the run folder (train.output_dir)")
     p.add_argument("--name", default=None, help="run name: the folder under output_dir")
 
@@ -108,7 +115,7 @@ def _train(a: argparse.Namespace) -> None:
     extra += [f"name={a.name}"] if a.name else []
     cfg = load_config(a.config, list(a.overrides) + extra)  # a bad value fails before torch loads
     from .training import train
-    run = train(cfg, resume=a.resume)
+    run = train(cfg, resume=a.resume, resume_anyway=a.resume_anyway)
     print(f"run folder: {run}")
 
 

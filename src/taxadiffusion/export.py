@@ -39,9 +39,9 @@ def export_run(run: str | Path, out: str | Path, *, scheduler: str | None = None
     `pretrained`: where an SD-based run's base is now, if it moved (its weights are exported too).
     """
     from .checkpoint import resolve_checkpoint
-    from .config import from_dict
+    from .config import config_from_file
     ckpt = resolve_checkpoint(Path(run))
-    cfg = from_dict(json.loads((ckpt / "config.json").read_text()))
+    cfg = config_from_file(ckpt / "config.json")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

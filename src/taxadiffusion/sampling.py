@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .config import from_dict
+from .config import config_from_file
 from .imaging import labelled_grid, save_pngs
 
 
@@ -44,8 +44,7 @@ def load_for_sampling(run: str | Path, scheduler: str | None = None, device: str
         pipe = TaxaDiffusionPipeline.from_pretrained(run, scheduler=scheduler)
         return pipe.to(pick_device(device)), pipe.sample_config  # the sampler and defaults it saved
     ckpt = resolve_checkpoint(run)
-    raw = json.loads((ckpt / "config.json").read_text())
-    cfg = from_dict(raw)
+    cfg = config_from_file(ckpt / "config.json")
     sc = cfg.sample
     if cfg.model.base != "sd15":
         if pretrained:
@@ -116,7 +115,7 @@ def sample_command(a) -> list[Path]:
         labelled_grid(rows, labels, [f"#{i}" for i in range(a.n)]).save(grid)
     else:
         imgs = pipe(lineage, num_images=a.n, **kw).images
-        files = save_pngs(imgs, [f"seed{a.seed}-{i:04d}" for i in range(a.n)], out)
+        save_pngs(imgs, [f"seed{a.seed}-{i:04d}" for i in range(a.n)], out)
         grid = out / f"grid-seed{a.seed}.png"
         ncol = min(8, a.n)
         rows = [imgs[i:i + ncol] for i in range(0, a.n, ncol)]

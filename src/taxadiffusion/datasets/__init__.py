@@ -48,8 +48,12 @@ def read_table(fmt: str, metadata: str | os.PathLike | None, root: str | os.Path
     """
     if fmt not in READERS:
         raise ValueError(f"unknown metadata format {fmt!r}; known formats: {', '.join(sorted(READERS))}")
+    if root is None:  # the config's data.root, prepare's --images
+        raise ValueError(f"format {fmt!r}: no image root given; set data.root=/path/to/images (train) "
+                         f"or --images ROOT (prepare)")
     if metadata is None and fmt not in ("csv", "inat-folders"):
-        raise ValueError(f"format {fmt!r} needs a metadata file")
+        raise ValueError(f"format {fmt!r} needs a metadata file: set data.metadata=/path/to/file "
+                         f"(train) or give it to prepare")
     return READERS[fmt](metadata, root, ranks=ranks, missing=missing, strict=strict,
                         check_files=check_files, **options)
 
