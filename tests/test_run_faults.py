@@ -125,20 +125,20 @@ def test_two_trainings_in_one_folder(done, tmp_path):
 
 def test_replaced_image_is_read_again(done, tmp_path, monkeypatch):
     """The input cache is keyed by each file's size and mtime: an image replaced under the same
-    path makes a new cache entry (it used to train on the old pixels)."""
+    path makes another cache (it used to train on the old pixels); tests/test_latent_cache.py
+    checks that a cache folder of other inputs is rebuilt or refused."""
     import numpy as np
     from PIL import Image
     monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
     shutil.copytree(done[1], data)
     args = ["train.steps_stage0=1", "train.steps_per_stage=0", "train.checkpoint_every=0"]
+    digest = lambda name: json.loads((tmp_path / "runs" / name / "latents" / "cache.json").read_text())["data"]
     _train(data, tmp_path / "runs", "a", *args)
-    first = sorted((tmp_path / "cache" / "inputs").glob("*.safetensors"))
     img = data / "img" / "corax_0.png"
     Image.fromarray(np.full((20, 20, 3), 255, np.uint8)).save(img)
     _train(data, tmp_path / "runs", "b", *args)
-    both = sorted((tmp_path / "cache" / "inputs").glob("*.safetensors"))
-    assert len(first) == 1 and len(both) == 2
+    assert digest("a") != digest("b")
 
 
 def test_full_disk_names_the_folder_and_keeps_earlier_checkpoints(done, tmp_path, monkeypatch):
@@ -154,3 +154,14 @@ def test_full_disk_names_the_folder_and_keeps_earlier_checkpoints(done, tmp_path
         _train(data, out, "ref", resume="latest")
     assert sorted(p.name for p in ck.iterdir()) == before
     assert not list(ck.parent.glob("*.tmp"))
+
+
+def test_cli_passes_resume_anyway(monkeypatch, tmp_path):
+    from taxadiffusion import cli, training
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda cfg, **kw: seen.update(kw) or tmp_path)
+    cli.main(["train", "--config", "tiny-cpu", "--resume", "latest", "--resume-anyway",
+              f"data.root={tmp_path}"])
+    assert seen == {"resume": "latest", "resume_anyway": True}
+    cli.main(["train", "--config", "tiny-cpu", f"data.root={tmp_path}"])
+    assert seen == {"resume": None, "resume_anyway": False}
