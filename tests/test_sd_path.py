@@ -85,10 +85,9 @@ def test_cached_latents_bf16_from_launcher(progressive):
     run, r, tmp = progressive
     log = (run / "log.txt").read_text()
     assert "mixed precision bf16" in log
-    cache = list((tmp / "cache" / "inputs").glob("*.safetensors"))
-    assert len(cache) == 1
-    inputs = load_file(cache[0])["inputs"]
-    assert inputs.shape == (24, 4, 8, 8) and inputs.is_contiguous()
+    from taxadiffusion.latent_cache import LatentCache
+    cache = LatentCache(run / "latents")   # the run's own folder (latent_cache.py), centre crops: margin 0
+    assert len(cache) == 24 and cache.read(0).shape == (4, 8, 8) and cache.slack == 0
     grids = sorted((run / "samples").glob("stage-*/step-*.png"))
     assert len(grids) == 2 + 3  # stage 0: step 2 and its end (4); each later stage its end (2)
     # trained weights stay fp32 in bf16 training

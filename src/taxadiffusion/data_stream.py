@@ -1,4 +1,4 @@
-"""The training data stream: which records each rank sees at each step, and the input cache.
+"""The training data stream: which records each rank sees at each step, and the input cache's set-up.
 
 The stream is a fixed function of (seed, step): epoch e is a permutation of the records drawn from
 seed + e; micro-step s takes the global batch stream[s*B*W : (s+1)*B*W] and rank r its slice
@@ -8,15 +8,10 @@ rank, so every node saw the same quarter of the data). Resuming at step s replay
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .backbone import cache_root, module_fingerprint
+from .latent_cache import LatentCache, fill_cache, pixel_encoder, vae_encoder
 
 
 class StreamSampler:
@@ -63,58 +58,17 @@ class StreamSampler:
         return {"served": self.served, "sha256": self._sha.hexdigest(), "head": self.served_head}
 
 
-def _inputs_key(table, taxonomy, resolution: int, encoder: str) -> str:
-    """The cache entry of these inputs: preprocessing, encoder, and per record its path, lineage,
-    box and file (size, mtime): a replaced or truncated image makes a new entry, never a stale
-    read. A stat per file is cheap next to decoding it."""
-    h = hashlib.sha256()
-    h.update(json.dumps([table.preprocess, resolution, encoder, list(taxonomy.ranks)]).encode())
-    for r in table.records:
-        try:
-            st = os.stat(r.path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{r.path}|{'/'.join(r.lineage)}|{r.box}|{stamp}\n".encode())
-    return h.hexdigest()[:20]
-
-
-@torch.no_grad()
-def cache_model_inputs(table, taxonomy, backbone, resolution: int, device, accelerator,
-                       batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Every image once through evaluation preprocessing (centre crops, no random crops) and, with a
-    VAE, its encoder (the latent mean times the scaling factor). Returns (inputs fp16 (N, C, h, w),
-    ids (N, L) with -1 rows for unreadable images, unreadable paths). Cached on disk, keyed by the
-    files' paths, sizes and modification times (`_inputs_key`)."""
-    from .datasets.images import SpeciesImageDataset
-    enc = module_fingerprint(backbone.vae) if backbone.vae is not None else "pixels"
-    f = cache_root() / "inputs" / f"{_inputs_key(table, taxonomy, resolution, enc)}.safetensors"
-    if accelerator.is_main_process and not f.exists():
-        ds = SpeciesImageDataset(table, taxonomy, resolution, train=False)
-        xs, ids, bad = [], [], []
-        for i0 in tqdm(range(0, len(ds), batch_size), desc="caching inputs", unit="batch",
-                       disable=not accelerator.is_main_process):
-            items = [ds[i] for i in range(i0, min(i0 + batch_size, len(ds)))]
-            x = torch.stack([it["pixels"] for it in items])
-            if backbone.vae is not None:
-                vae = backbone.vae
-                x = vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-            xs.append(x.to("cpu", torch.float16))
-            for it in items:
-                row = it["ids"].clone()
-                if it["bad"]:
-                    bad.append(table.records[it["index"]].path)
-                    row[:] = -1
-                ids.append(row)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        # the VAE's mid-block attention returns a non-contiguous latent (SD v1.5's VAE too)
-        save_file({"inputs": torch.cat(xs).contiguous(), "ids": torch.stack(ids).contiguous()}, tmp,
-                  metadata={"bad": json.dumps(bad)})
-        tmp.replace(f)
-    accelerator.wait_for_everyone()
-    t = load_file(f)
-    from safetensors import safe_open
-    with safe_open(f, "pt") as fh:
-        bad = json.loads(fh.metadata()["bad"])
-    return t["inputs"], t["ids"], bad
+def cache_model_inputs(table, backbone, resolution: int, device, accelerator, directory, *,
+                       margin: int | None = None, flip: bool = False, on_mismatch: str = "rebuild",
+                       batch_size: int = 32, num_workers: int = 0, log=print) -> LatentCache:
+    """Every image once through its preset's evaluation preprocessing at resolution + margin
+    (latent_cache.default_margin: 0 for presets that centre-crop or pad) and, with a VAE, its encoder
+    (the latent mean times the scaling factor; without one the cache holds pixels). Every process
+    encodes its share (global rank), then the main process merges the indexes (latent_cache.py).
+    Returns the cache, opened for reading; `cache.bad` flags unreadable images."""
+    enc = vae_encoder(backbone.vae, device) if backbone.vae is not None else pixel_encoder()
+    return fill_cache(directory, table.records, enc, preprocess=table.preprocess, resolution=resolution,
+                      margin=margin, flip=flip, rank=accelerator.process_index,
+                      world=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+                      batch_size=batch_size, num_workers=num_workers, on_mismatch=on_mismatch, log=log,
+                      progress=accelerator.is_main_process)

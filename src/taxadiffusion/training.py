@@ -100,7 +100,7 @@ def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> P
     if bb.vae is not None:
         bb.vae.to(device, weight_dtype)
 
-    # -- caches: text embeddings of every prompt, inputs of every image ---------------------------------
+    # -- text embeddings of every prompt, cached ---------------------------------------------------------
     cache = TextEmbeddingCache(bb.text_encoder, bb.tokenizer, module_fingerprint(bb.text_encoder),
                                cache_root() / "text-embeddings",
                                embedding_dtype(bb.context_dim))
@@ -111,20 +111,6 @@ def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> P
     null = cache.encode([""])[0]
     log(f"text embeddings: {sum(len(t) for t in tables)} prompts cached ({cache.encoder_calls} encoded now)")
     bb.text_encoder.to("cpu")  # not needed again in the loop
-    dataset = SpeciesImageDataset(table, taxonomy, res, train=True, seed=tc.seed)
-    inputs = None
-    if cfg.data.cache_latents:
-        inputs, ids_all, bad = cache_model_inputs(table, taxonomy, bb, res, device, acc)
-        if bad:
-            log(f"images: {len(bad)} unreadable, excluded and counted: " + ", ".join(bad[:5]))
-    else:
-        ids_all = dataset.ids
-    # one held-out-noise batch for the whole run, so its loss is comparable across stages: a
-    # zero-init stage k starts exactly where stage k-1 ended (records lacking a level use their
-    # shorter lineage there)
-    valid = (ids_all[:, 0] >= 0).nonzero().squeeze(1)
-    fixed = _fixed_batch(valid, inputs, dataset, ids_all, bb, tc.seed, tc.fixed_batch) \
-        if tc.fixed_batch > 0 else None
 
     # -- where to start: a fresh run or the latest checkpoint ----------------------------------------------
     # (checked before anything is written: a refused resume leaves the run folder as it was)
@@ -155,6 +141,30 @@ def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> P
         check_resumable(prev[-1][2], read_state(prev[-1][2]), cfg.to_dict(), data_fp, len(plan),
                         resume_anyway, log)
         load_model_state(prev[-1][2], unet, conditioner)
+    # -- inputs: every image's latent (or pixels) cached by all ranks, or decoded every step ------------
+    dataset = SpeciesImageDataset(table, taxonomy, res, train=True, seed=tc.seed)
+    ids_all, inputs = dataset.ids, None
+    if cfg.data.cache_latents:
+        cache_dir = getattr(cfg.data, "cache_dir", None)
+        # a folder named in the config may hold another run's cache: refused, not overwritten
+        inputs = cache_model_inputs(table, bb, res, device, acc, Path(cache_dir) if cache_dir else run / "latents",
+                                    margin=getattr(cfg.data, "cache_margin", None),
+                                    flip=getattr(cfg.data, "cache_flip", False),
+                                    on_mismatch="error" if cache_dir else "rebuild",
+                                    num_workers=cfg.data.num_workers, log=log)
+        log(f"input cache {inputs.dir}: {len(inputs)} records ({inputs.stats['encoded']} encoded now by "
+            f"rank 0), {inputs.slack + 1}x{inputs.slack + 1} window offsets, {inputs.views} view(s)")
+        bad = [table.records[i].path for i in inputs.bad.nonzero().squeeze(1).tolist()]
+        if bad:
+            ids_all = ids_all.clone()
+            ids_all[inputs.bad] = -1
+            log(f"images: {len(bad)} unreadable, excluded and counted: " + ", ".join(bad[:5]))
+    # one held-out-noise batch for the whole run, so its loss is comparable across stages: a
+    # zero-init stage k starts exactly where stage k-1 ended (records lacking a level use their
+    # shorter lineage there)
+    valid = (ids_all[:, 0] >= 0).nonzero().squeeze(1)
+    fixed = _fixed_batch(valid, inputs, dataset, ids_all, bb, tc.seed, tc.fixed_batch) \
+        if tc.fixed_batch > 0 else None
     if main:  # the config and taxonomy that describe the weights this run now trains
         save_config(cfg, run / "config.yaml")
         taxonomy.save(run / "taxonomy.json")
@@ -198,7 +208,7 @@ def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> P
         accum = tc.gradient_accumulation_steps
         sampler = StreamSampler(len(has), tc.batch_size, rank, world, seed=tc.seed + stage.index,
                                 start=step * accum)
-        batches = _batches(sampler, has, inputs, dataset, ids_all, cfg.data.num_workers)
+        batches = _batches(sampler, has, inputs, dataset, ids_all, cfg.data.num_workers, tc.seed)
         stage_dir = run / "checkpoints" / stage.name
 
         def ckpt(name: str, complete: bool = False) -> None:
@@ -341,13 +351,14 @@ class _Logger:
                 self.acc.log({f"{stage}/fixed_loss": loss}, step=step)
 
 
-def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int):
-    """(x, ids) micro-batches in stream order: from the input cache, or decoded by DataLoader workers
-    (the batch sampler is the deterministic stream, so resuming replays the same batches)."""
+def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int, seed: int):
+    """(x, ids) micro-batches in stream order: from the input cache (each record's seeded window and
+    view of the batch's epoch: random crops and flips in latent space), or decoded by DataLoader
+    workers (the batch sampler is the deterministic stream, so resuming replays the same batches)."""
     if inputs is not None:
         for pos in sampler:
             idx = has[pos]
-            yield inputs[idx], ids_all[idx]
+            yield inputs.batch(idx.tolist(), sampler.epoch_of(sampler.step - 1), seed), ids_all[idx]
         return
     from torch.utils.data import DataLoader
 
@@ -368,8 +379,8 @@ def _batches(sampler, has, inputs, dataset, ids_all, num_workers: int):
 
 def _to_model_space(x: torch.Tensor, bb, dtype: torch.dtype, cached: bool,
                     generator: torch.Generator) -> torch.Tensor:
-    """Cached inputs as they are; else pixels through the VAE, its posterior sampled from
-    `generator` (never the global RNG, which DataLoader iterators also draw from: resuming replays
+    """Cached inputs (latents; pixels without a VAE) as they are; else pixels through the VAE, its
+    posterior sampled from `generator` (never the global RNG, which DataLoader iterators also draw from: resuming replays
     the generator exactly)."""
     if cached or bb.vae is None:
         return x.to(dtype)
@@ -383,8 +394,8 @@ def _to_model_space(x: torch.Tensor, bb, dtype: torch.dtype, cached: bool,
 def _fixed_batch(has, inputs, dataset, ids_all, bb, seed: int, n: int = 64) -> dict:
     g = torch.Generator().manual_seed(seed + 7)
     idx = has[torch.randperm(len(has), generator=g)[:n]]
-    if inputs is not None:
-        x = inputs[idx].float()
+    if inputs is not None:  # epoch 0's windows, as the uncached path's epoch-0 crops
+        x = inputs.batch(idx.tolist(), 0, seed).float()
     else:
         x = _to_model_space(torch.stack([dataset[(int(i), 0)]["pixels"] for i in idx]), bb,
                             torch.float32, False, g).float().cpu()
