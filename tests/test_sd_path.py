@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tinyrun import write_images
 
-pytestmark = pytest.mark.xdist_group("sd")
+SD_RUN = pytest.mark.xdist_group("sd")  # the tests of one shared run stay on one worker
 
 
 def sd_overrides(sd: Path, data: Path, out: Path, name: str) -> list[str]:
@@ -78,6 +78,7 @@ def progressive(sd15_dir, data, tmp_path_factory):
     return tmp / "runs" / "prog", r, tmp
 
 
+@SD_RUN
 def test_cached_latents_bf16_from_launcher(progressive):
     """Breaks 1-3: the latent cache is written (it used to fail on the VAE's non-contiguous latent),
     bf16 comes from the launcher (`accelerate launch --mixed_precision bf16` sets this variable), and
@@ -95,6 +96,7 @@ def test_cached_latents_bf16_from_launcher(progressive):
     assert {v.dtype for v in cond.values()} == {torch.float32}
 
 
+@SD_RUN
 def test_fixed_batch_loss_continues_across_stages(progressive):
     """Break 11: with zero-init levels, stage k's fixed-batch loss at step 0 is stage k-1's last."""
     run = progressive[0]
@@ -107,6 +109,7 @@ def test_fixed_batch_loss_continues_across_stages(progressive):
         assert start == end, (prev, cur, start, end)
 
 
+@SD_RUN
 def test_tensorboard_events_hold_losses_and_grids(progressive):
     """Break 7: init_trackers is called; the event file holds the loss curve, the learning rate,
     the level gains, the fixed-batch loss and the validation grids as images."""
@@ -292,6 +295,7 @@ def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return r
 
 
+@SD_RUN
 def test_cli_prepare_sample_export_evaluate_report(progressive, data, random_inception):
     """The rest of a user's session on the SD run: prepare the metadata, sample a trait row, export
     (diffusers layout), evaluate, rebuild the report; the export samples as the run does."""
