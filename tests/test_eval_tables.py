@@ -123,11 +123,10 @@ def test_generate_saves_then_reuses_its_samples_bit_for_bit(tmp_path):
     from taxadiffusion.evaluation.run import generate, sample_dir
     calls = []
 
-    def pipe(t, num_images, seed, **kw):
-        calls.append((t, seed))
-        g = torch.Generator().manual_seed(seed)
-        return SimpleNamespace(images=torch.randint(0, 256, (num_images, 3, 8, 8), generator=g,
-                                                    dtype=torch.uint8))
+    def pipe(t, num_images, generator, **kw):   # one seeded generator per image (samples.generate)
+        calls.append((t, len(generator)))
+        return SimpleNamespace(images=torch.stack([torch.randint(0, 256, (3, 8, 8), generator=g,
+                                                                 dtype=torch.uint8) for g in generator]))
     settings = {"seed": 0, "guidance": "taxa", "guidance_scale": 3.0, "guide_level": 0,
                 "num_inference_steps": 2, "batch_size": 4}
     taxa = [SP["corax"], SP["bubo"]]
@@ -141,6 +140,7 @@ def test_generate_saves_then_reuses_its_samples_bit_for_bit(tmp_path):
         warnings.simplefilter("error")  # a read-only buffer would warn in torch.from_numpy
         again = generate(pipe, taxa, 3, tmp_path, settings)
     assert len(calls) == 2  # nothing sampled again
+    assert (first.stats["generated"], again.stats["reused"], again.stats["generated"]) == (6, 6, 0)
     for t in taxa:
         assert again[t].dtype == torch.uint8 and torch.equal(again[t], first[t])
     again[SP["corax"]][0, 0, 0, 0] += 1  # writable memory

@@ -173,8 +173,9 @@ def bioclip_eval(
     `images`: {species: uint8 images}. `candidates`: the species zero-shot chooses among (default: every
     species in `images`, the "evaluated species"). Species with no images are skipped and listed.
     """
-    skipped = [{"taxon": t, "reason": "no images"} for t in sorted(images) if len(images[t]) == 0]
-    species = [t for t in sorted(images) if len(images[t])]
+    from .stream import count   # images may be read from disk per species (stream.TaxonImages)
+    skipped = [{"taxon": t, "reason": "no images"} for t in sorted(images) if count(images, t) == 0]
+    species = [t for t in sorted(images) if count(images, t)]
     cands = sorted(candidates) if candidates is not None else species
     missing = [t for t in species if t not in set(cands)]
     if missing:

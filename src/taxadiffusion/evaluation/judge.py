@@ -27,18 +27,17 @@ import json
 import os
 import random
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch.nn import functional as F
 
 from ..datasets.table import Record, Table
 from ..taxonomy import Taxon, Taxonomy
-from .oracle import OracleFeatures, OracleNet, as_input, cache_lock, load_cached_net, store_cached_net
+from .oracle import OracleNet, as_input, cache_lock, load_cached_net, store_cached_net
 from .tables import taxon_seed
 
 JUDGE_VERSION = 1   # part of the cache key: bump when the network, split or training recipe changes
@@ -296,98 +295,5 @@ def load_or_train_judge(table: Table, taxonomy: Taxonomy, resolution: int, cfg: 
         return judge
 
 
-# -- scoring generated images ---------------------------------------------------------------------------
-def judge_frechet_kid(judge: Judge, real: torch.Tensor, fake: torch.Tensor, seed: int = 0,
-                      kid_subset_size: int = 1000, kid_subsets: int = 100) -> dict:
-    """FID and KID between two uint8 image sets in the judge's trunk features (torchmetrics, feature=
-    the trunk as in `oracle_frechet`). FID needs 2 images a side; `fid_small_n` flags no more images
-    than feature dims (rank-deficient covariance, biased upward: prefer KID there)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-    n_r, n_f, d = len(real), len(fake), judge.net.num_features
-    out = {"n_real": n_r, "n_gen": n_f, "dims": d, "fid": None, "fid_small_n": min(n_r, n_f) <= d,
-           "kid_mean": None, "kid_std": None, "kid_subset_size": None, "kid_subsets": None}
-    if min(n_r, n_f) < 2:
-        out["note"] = "fewer than 2 images on a side: FID/KID undefined"
-        return out
-    m = min(kid_subset_size, n_r, n_f)
-    subsets = kid_subsets if (m < n_r or m < n_f) else 1   # every subset would be the same draw
-    # OracleFeatures only reads .net.trunk, .net.num_features and .size: the judge has all three
-    fid = FrechetInceptionDistance(feature=OracleFeatures(judge), reset_real_features=True)
-    with warnings.catch_warnings():   # "KID keeps every feature in memory": 4 x width floats an image
-        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save", UserWarning)
-        kid = KernelInceptionDistance(feature=OracleFeatures(judge), subsets=subsets, subset_size=m,
-                                      reset_real_features=True)
-    for metric in (fid, kid):
-        for imgs, is_real in ((real, True), (fake, False)):
-            for i in range(0, len(imgs), 500):
-                metric.update(imgs[i:i + 500], real=is_real)
-    with torch.random.fork_rng():   # KID draws its subsets from torch's global RNG
-        torch.manual_seed(seed)
-        k_mean, k_std = kid.compute()
-    out.update(fid=float(fid.compute()), kid_mean=float(k_mean), kid_std=float(k_std),
-               kid_subset_size=m, kid_subsets=subsets)
-    return out
-
-
-def _match(x: torch.Tensor, m: int, seed: int) -> torch.Tensor:
-    if m >= len(x):
-        return x
-    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:m].sort().values]
-
-
-def judge_result(judge: Judge, gen: Mapping[Taxon, torch.Tensor], real: Mapping[Taxon, torch.Tensor],
-                 taxonomy: Taxonomy, settings: Mapping, seed: int = 0) -> dict:
-    """Judge accuracy per rank (ranks <= the conditioned level), FID/KID in its features per level,
-    per-species accuracy, and the judge's own held-out accuracy (the ceiling); with provenance."""
-    from .weights import file_identity, provenance
-    if judge.info.get("taxonomy_digest") != taxonomy_digest(taxonomy):
-        raise ValueError(f"the judge in {judge.path} was trained for another taxonomy than the model's")
-    under: dict[tuple[str, ...], list[torch.Tensor]] = defaultdict(list)   # taxon path -> real images
-    for s, v in real.items():
-        for lvl in range(s.level + 1):
-            under[s.path[: lvl + 1]].append(v)
-    levels: dict[str, dict] = {}
-    per_species: dict[Taxon, dict] = {}
-    for lvl in sorted({t.level for t in gen}):
-        taxa = sorted(t for t in gen if t.level == lvl and len(gen[t]))
-        hits, n = torch.zeros(lvl + 1), 0
-        pool_g, pool_r = [], []
-        for t in taxa:
-            ok = (judge.predict(gen[t])[:, : lvl + 1] == torch.tensor(taxonomy.ids(t))).float()
-            hits += ok.sum(0)
-            n += len(ok)
-            if lvl == taxonomy.num_levels - 1:
-                per_species[t] = {"species_acc": float(ok[:, -1].mean()), "n": len(ok),
-                                  "accuracy": {r: float(a) for r, a in zip(taxonomy.ranks, ok.mean(0))}}
-            if under.get(t.path):   # match: the same taxon mix on both sides (fid_by_level "match")
-                r_all = torch.cat(under[t.path])
-                m = min(len(gen[t]), len(r_all))
-                pool_g.append(_match(gen[t], m, taxon_seed(seed, t)))
-                pool_r.append(_match(r_all, m, taxon_seed(seed + 1, t)))
-        fk = judge_frechet_kid(judge, torch.cat(pool_r) if pool_r else torch.empty(0),
-                               torch.cat(pool_g) if pool_g else torch.empty(0), seed=seed)
-        levels[taxonomy.ranks[lvl]] = {"level": lvl, "n_taxa": len(taxa), "n_images": n,
-                                       "n_taxa_with_real": len(pool_r),
-                                       "accuracy": {taxonomy.ranks[i]: float(h / n) if n else None
-                                                    for i, h in enumerate(hits)}, **fk}
-    info = judge.info
-    ident = {**file_identity(judge.path / "judge.safetensors"), "key": info["key"]}
-    ceiling = {"held_out_accuracy": info.get("held_out_accuracy"),
-               "held_out_majority_baseline": info.get("held_out_majority_baseline"),
-               "train_accuracy": info.get("train_accuracy"), "split": info["split"]}
-    definition = (
-        "Judge accuracy: a small CNN (OracleNet trunk, one head per rank) trained from scratch on a "
-        "seeded per-species split of the dataset's real photos (~80% train / 20% held out for species "
-        "with >= 2 images), with random resized crops, flips, colour jitter and blur; it predicts every "
-        "rank of each generated image, and accuracy at rank r is the fraction of images conditioned on "
-        "a taxon of level >= r whose rank-r prediction is that taxon's ancestor. Read it against the "
-        "judge's held-out accuracy on real photos (`ceiling`), which bounds it. Frechet/KID: torchmetrics "
-        "FID and KID on the judge's trunk features, generated images of the level's taxa vs the real "
-        "images under them, min(n_gen, n_real) per taxon on each side (seeded); the real images include "
-        "the judge's own training photos.")
-    return {"kind": "judge", "levels": levels, "per_species": per_species, "ceiling": ceiling,
-            "provenance": provenance("judge", "torchmetrics", {"judge": ident},
-                                     {**settings, "judge": info["train"], "balance": "match",
-                                      "kid_subset_size_max": 1000, "kid_subsets": 100, "seed": seed},
-                                     judge.size, definition)}
+# -- scoring generated images: judge_score.py (imported here, where callers have always found them) -----
+from .judge_score import FrechetKid, judge_frechet_kid, judge_result  # noqa: E402,F401

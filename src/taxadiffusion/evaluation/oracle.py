@@ -149,15 +149,66 @@ class OracleFeatures(nn.Module):
         return self.trunk(as_input(images, self.size))
 
 
+def frechet_metric(oracle: Oracle):
+    """An empty torchmetrics FID on the oracle's trunk features, to `feed` batch by batch."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetInceptionDistance(feature=OracleFeatures(oracle), reset_real_features=True)
+
+
+def feed(metric, imgs, real: bool, batch_size: int = 500) -> None:
+    """Update a torchmetrics FID/KID with uint8 images: a torch (N, 3, H, W) or numpy (N, H, W, 3) array."""
+    t = imgs if isinstance(imgs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2)
+    for i in range(0, len(t), batch_size):
+        metric.update(t[i:i + batch_size], real=real)
+
+
 def oracle_frechet(oracle: Oracle, real, fake, batch_size: int = 500) -> float:
     """Frechet distance between two image sets in the oracle's feature space (torchmetrics FID)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    fid = FrechetInceptionDistance(feature=OracleFeatures(oracle), reset_real_features=True)
-    for imgs, real_ in ((real, True), (fake, False)):
-        t = imgs if isinstance(imgs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2)
-        for i in range(0, len(t), batch_size):
-            fid.update(t[i:i + batch_size], real=real_)
+    fid = frechet_metric(oracle)
+    feed(fid, real, True, batch_size)
+    feed(fid, fake, False, batch_size)
     return float(fid.compute())
+
+
+def oracle_result(oracle: Oracle, gen, real, taxonomy, settings: dict) -> dict:
+    """Oracle accuracy per rank (ranks <= the conditioned level) and oracle Frechet distance per level.
+
+    `gen`/`real`: {taxon: uint8 images}, dicts or stream.TaxonImages; each taxon's images are read once
+    and fed to the level's FID as they come (torchmetrics keeps sums, not images)."""
+    from .weights import provenance
+    wt = oracle.world.taxonomy
+    levels: dict[str, dict] = {}
+    per_species: dict = {}
+    for lvl in sorted({t.level for t in gen}):
+        taxa = [t for t in gen if t.level == lvl]
+        fid, hits, n = frechet_metric(oracle), torch.zeros(lvl + 1), 0
+        for t in taxa:
+            images = gen[t]
+            feed(fid, images, False)
+            ok = (oracle.predict(images)[:, : lvl + 1] == torch.tensor(wt.ids(wt.make(t.path)))).float()
+            hits += ok.sum(0)
+            n += len(ok)
+            if t.level == taxonomy.num_levels - 1:
+                per_species[t] = {"species_acc": float(ok[:, -1].mean()), "genus_acc": float(ok[:, -2].mean())
+                                  if lvl else None, "n": len(ok)}
+        paths = {t.path for t in taxa}
+        for s in real:   # every real image under the level's taxa
+            if s.path[: lvl + 1] in paths:
+                feed(fid, real[s], True)
+        levels[taxonomy.ranks[lvl]] = {"level": lvl, "n_taxa": len(taxa), "n_images": n,
+                                       "accuracy": {taxonomy.ranks[i]: float(h / n) for i, h in enumerate(hits)},
+                                       "frechet": float(fid.compute())}
+    definition = ("Oracle accuracy: the synthetic world's oracle CNN (trained on renders, >=98% species "
+                  "accuracy on held-out renders) predicts every rank of each generated image; accuracy "
+                  "at rank r is the fraction of images conditioned on a taxon of level >= r whose rank-r "
+                  "prediction is that taxon's ancestor. Frechet: torchmetrics FID computed on the "
+                  "oracle's trunk features, generated images of the level's taxa vs all real images "
+                  "under them.")
+    info = {"path": str(oracle.path), "key": oracle.info.get("key"),
+            "accuracy_clean": oracle.info.get("accuracy_clean")}
+    return {"kind": "oracle", "levels": levels, "per_species": per_species,
+            "provenance": provenance("oracle", "torchmetrics", {"oracle": info}, settings,
+                                     oracle.size, definition)}
 
 
 # -- training and the cache ----------------------------------------------------------------------------
