@@ -123,6 +123,8 @@ def test_killed_fill_resumes_with_the_missing_records_only(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fill_cache(tmp_path / "c", recs, first(), batch_size=2, shard_rows=2, **KW)
     assert first.images == 4 and len(list((tmp_path / "c").glob("shard-*.safetensors"))) == 2
+    with open(tmp_path / "c" / "index-r00000.jsonl", "a") as f:
+        f.write('{"shard": "shard-r00000-000002.safet')      # a line cut by the kill
     again = Counting(enc)
     c = fill_cache(tmp_path / "c", recs, again(), batch_size=2, shard_rows=2, **KW)
     assert again.images == 6 and c.stats["encoded"] == 6 and c.stats["present"] == 4

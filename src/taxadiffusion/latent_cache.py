@@ -21,7 +21,7 @@ index; a missing, truncated or altered shard is named in the error). A re-run en
 listed shard holds. The barrier after the encode is followed by the merge on the main process only.
 
 Reading (`LatentCache`): per-record (shard, row) arrays only, shard handles opened lazily
-(`safe_open`, memory-mapped; at most `max_open` at once) and `get_slice` reads the one row and
+(`safe_open`, memory-mapped; at most `max_open`, 16, at once) and `get_slice` reads the one row and
 window needed, so a training process's memory does not grow with the images (the old single file
 was loaded whole on every rank: iNat 2021 at 4x64x64 fp16 is ~88 GB per rank).
 
@@ -156,6 +156,10 @@ class _Items(torch.utils.data.Dataset):
         return i, torch.stack([to_tensor(v) for v in views]), 0
 
 
+def _as_list(batch):
+    return batch
+
+
 def _sha256(f: Path) -> str:
     h = hashlib.sha256()
     with open(f, "rb") as fh:
@@ -257,10 +261,18 @@ def fill_cache(directory, records, encoder: Encoder, *, preprocess: str, resolut
     stats = {"encoded": len(mine), "present": int(present.sum()), "rank": rank}
     if mine:
         index = directory / f"index-r{rank:05d}.jsonl"
-        k = sum(1 for f, _ in entries if f == index)   # unlisted leftovers of a kill are overwritten
+        if index.exists() and index.stat().st_size:
+            with open(index, "rb+") as fh:   # a line cut by a kill: the next one starts afresh
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+        taken = [n.name for n in directory.glob(f"shard-r{rank:05d}-*.safetensors")]
+        taken += [e["shard"] for _, e in entries]
+        k = 1 + max((int(n.split("-")[2].split(".")[0]) for n in taken if n.startswith(f"shard-r{rank:05d}-")),
+                    default=-1)             # never overwrites a shard, listed or left by a kill
         S = resolution + margin
         loader = torch.utils.data.DataLoader(_Items(records, mine, preprocess, S, flip), batch_size=batch_size,
-                                             num_workers=num_workers, collate_fn=lambda b: b)
+                                             num_workers=num_workers, collate_fn=_as_list)
         xs, recs, bads = [], [], []
         bar = tqdm(total=len(mine), desc=f"encoding inputs (rank {rank})", unit="img", disable=not progress)
 
@@ -334,7 +346,7 @@ class LatentCache:
     """A filled cache, read by record: `read(i)`, `window(i, epoch, seed)`, `batch(indices, epoch,
     seed)`; `bad` (N,) bool: unreadable images (train on none of them)."""
 
-    def __init__(self, directory, max_open: int = 32):
+    def __init__(self, directory, max_open: int = 16):
         self.dir = Path(directory)
         f = self.dir / "index.safetensors"
         if not f.exists():
