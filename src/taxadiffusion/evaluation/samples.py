@@ -3,8 +3,10 @@
 Work is cut into units of (taxon, a run of at most batch_size image indices): image i of taxon t always
 comes from the generator `image_seed(taxon_seed(seed, t), i)` (pipeline.image_generators), and a unit
 is the batch the one-process loop sampled it in, so neither the number of processes nor a resume can
-change an image. Unit k goes to the process of global rank k % world (round-robin over the units of
-every taxon of every level, so a few taxa still spread over many processes).
+change an image. Units are dealt in order (every taxon of every level) each to the process with the
+fewest images so far, lowest global rank on a tie: every process computes the same plan, a few taxa
+still spread over many processes, and a taxon's short last batch does not always land on one rank
+(plain k % world would, when a taxon's unit count divides by the world size).
 
 Each image is written as soon as its batch is decoded (a temporary name, then a rename: a killed run
 never leaves a half-written PNG under the final name) and nothing is kept: the generate loop returns a
@@ -25,6 +27,7 @@ from ..taxonomy import Taxon
 from .stream import GeneratedImages
 from .tables import taxon_seed
 
+PNG_END = b"\0\0\0\0IEND\xaeB`\x82"   # every PNG ends with this empty IEND chunk
 SAMPLING_KEYS = ("guidance", "guidance_scale", "guide_level", "num_inference_steps", "batch_size")
 
 
@@ -34,9 +37,16 @@ def sample_dir(out: Path, taxon: Taxon) -> Path:
 
 
 def png_ok(path: Path, size: int | None = None) -> bool:
-    """The file decodes completely (PIL raises on a truncated PNG) as RGB, size x size when given."""
+    """The file is a whole PNG (every chunk's CRC and the end chunk: `verify`; a file cut short after
+    its pixel data still decodes) that decodes as RGB, size x size when given."""
     from PIL import Image
     try:
+        with open(path, "rb") as fh:   # PIL leaves the end chunk's own CRC unread
+            fh.seek(-len(PNG_END), os.SEEK_END)
+            if fh.read() != PNG_END:
+                return False
+        with Image.open(path) as im:
+            im.verify()
         with Image.open(path) as im:
             im.load()
             return im.mode == "RGB" and (size is None or im.size == (size, size))
@@ -47,6 +57,17 @@ def png_ok(path: Path, size: int | None = None) -> bool:
 def units(taxa: Sequence[Taxon], n: int, batch_size: int) -> list[tuple[Taxon, int, int]]:
     """(taxon, first index, end index) per batch of every taxon, in taxon order."""
     return [(t, a, min(a + batch_size, n)) for t in taxa for a in range(0, n, batch_size)]
+
+
+def deal(work: Sequence[tuple[Taxon, int, int]], rank: int, world: int) -> list[tuple[Taxon, int, int]]:
+    """The units of process `rank`: each unit to the least loaded process (images), lowest rank on a tie."""
+    load, mine = [0] * world, []
+    for u in work:
+        r = min(range(world), key=lambda k: (load[k], k))
+        load[r] += u[2] - u[1]
+        if r == rank:
+            mine.append(u)
+    return mine
 
 
 def _write(images, names: Sequence[Path]) -> None:
@@ -65,7 +86,7 @@ def generate(pipe, taxa: Sequence[Taxon], n: int, out: Path, settings: dict, *, 
     `.stats` counts this process' units. `size`: the expected PNG side, checked on reuse."""
     from ..pipeline import image_generators
     stats = {"images": 0, "reused": 0, "generated": 0, "damaged": 0}
-    mine = units(taxa, n, int(settings["batch_size"]))[rank::world]
+    mine = deal(units(taxa, n, int(settings["batch_size"])), rank, world)
     bar = tqdm(total=sum(b - a for _, a, b in mine), desc="generating", unit="img",
                disable=not progress)
     for t, a, b in mine:
