@@ -32,6 +32,7 @@ def _rss_mb() -> float:
 def child(taxa: int, n: int, size: int, mode: str) -> dict:
     import torch
 
+    import taxadiffusion.pipeline  # noqa: F401  (generate imports it: loaded before the baseline)
     from taxadiffusion.evaluation.samples import generate
     from taxadiffusion.taxonomy import NONE_NAME, Taxonomy
     tax = Taxonomy(["class", "genus", "species"], [("Aves", f"G{i % 4}", f"s{i}") for i in range(taxa)])
