@@ -146,6 +146,25 @@ def make_app(run: str | Path | None = None, *, explorer: Explorer | None = None,
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    """ValueError (one line from the CLI) if uvicorn could not listen on host:port."""
+    import socket
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be from 1 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"host {host!r} is not an address of this machine: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); is another explorer "
+                             f"running? Pass another --port") from None
+
+
 def _quote(text: str) -> str:
     from urllib.parse import quote
     return quote(text, safe="")
@@ -156,8 +175,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, *, device:
           log_level: str = "warning") -> None:
     """Load `run` once, then serve the explorer on http://host:port until Ctrl-C."""
     import uvicorn
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"port must be from 1 to 65535, got {port}")
+    _check_port(host, port)  # before the model loads: a taken port fails in a second, not after it
     app = make_app(run, device=device, scheduler=scheduler, pretrained=pretrained)
     ex = app.state.explorer
     print(f"loaded {run} on {ex.pipe.device} in {ex.load_seconds:.1f} s ({ex.tax!r})")

@@ -63,7 +63,7 @@ h2 { font-size: 15px; margin: 14px 0 6px; } h2 small { font-weight: normal; colo
 .pick:hover, .pick.on { text-decoration: underline; background: #e8f0e0; }
 .rank, .count { color: #777; font-size: 12px; margin-left: 4px; }
 .few { background: #ffe2a8; color: #6b4500; border-radius: 3px; padding: 0 4px; font-size: 11px; margin-left: 4px; }
-.unseen { background: #e0d8ff; color: #3b2a86; border-radius: 3px; padding: 0 4px; font-size: 11px; }
+.unseen { background: #e0d8ff; color: #3b2a86; border-radius: 3px; padding: 0 4px; font-size: 11px; margin-left: 4px; }
 #searchout .hit { display: block; text-align: left; }
 #searchout .msg { color: #8a1f11; margin: 4px 0; }
 #settings { display: flex; flex-wrap: wrap; gap: 8px 14px; align-items: center; }
@@ -109,7 +109,7 @@ function showError(msg) { const e = $('error'); e.textContent = msg || ''; e.hid
 const q = encodeURIComponent;
 
 function badges(n) {
-  const out = [el('span', { cls: 'count', text: n.count + ' img' })];
+  const out = n.unseen ? [] : [el('span', { cls: 'count', text: n.count + ' img' })];
   if (n.few_shot) out.push(el('span', { cls: 'few', text: 'few-shot' }));
   else if (n.few_shot_below) out.push(el('span', { cls: 'few', text: n.few_shot_below + ' few-shot' }));
   if (n.unseen) out.push(el('span', { cls: 'unseen', text: 'unseen' }));
@@ -227,7 +227,7 @@ async function submit(kind) {
   const res = job.result;
   bar.value = bar.max; status.textContent = 'done in ' + job.seconds + ' s';
   card.querySelector('h3').textContent = res.title;
-  const row = el('div', { cls: 'row' }, ...res.images.map((im) => figure(im.url, im.name, 'seed ' + res.seed, 'result')), trainingBox);
+  const row = el('div', { cls: 'row' }, ...res.images.map((im) => figure(im.url, im.name, 'Generated, seed ' + res.seed + '.', 'result')), trainingBox);
   card.append(row, el('div', { cls: 'note', text: res.note }), el('div', { cls: 'note', text: 'Reproduce with:' }),
     el('pre', { cls: 'cmd', text: res.command }));
   for (const t of res.tables) {
