@@ -29,6 +29,9 @@ from PIL import Image
 
 from tinyrun import tiny_overrides, write_images
 
+INSTALL = "the explorer's web packages are missing: pip install -e '.[explore]'"
+pytest.importorskip("fastapi", reason=INSTALL)
+pytest.importorskip("uvicorn", reason=INSTALL)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 CHROMIUM = "/usr/bin/chromium"
 
@@ -234,6 +237,36 @@ def test_serve_prints_its_address_sends_csp_and_stops_on_ctrl_c(tiny_run):
     assert rc == 0, proc.stderr.read()[-2000:]
 
 
+def test_trait_row_and_sibling_grid_show_the_oracle_reading_where_the_run_has_one(server):
+    """As test_analysis does for `traits`: a judge that always answers "Corvus corax" stands in for
+    a synthetic world's oracle; both grids then carry its tables (the tiny run has no world)."""
+    from types import SimpleNamespace
+
+    import torch
+    base, ex = server
+    tax = ex.tax
+    ids = lambda lins: torch.tensor([tax.ids(tax.make(tuple(l))) for l in lins])  # noqa: E731
+    corax = ids([("Aves", "Corvidae", "Corvus", "corax")])
+    judge = SimpleNamespace(lineage_ids=ids, world=SimpleNamespace(taxonomy=tax),
+                            predict=lambda imgs: corax.expand(len(imgs), -1))
+    saved = ex._oracle, ex._oracle_note
+    ex._oracle = judge
+    try:
+        t = {"taxon": "Corvus corax", "n": 2, "steps": 2}
+        lv = run_job(base, {**t, "kind": "traits"})["result"]
+        sib = run_job(base, {**t, "kind": "siblings"})["result"]
+        genus = run_job(base, {"taxon": "Corvus", "n": 2, "steps": 2, "kind": "traits"})["result"]
+    finally:
+        ex._oracle, ex._oracle_note = saved
+    table = lv["tables"][0]
+    assert table["columns"] == ["condition up to", "class acc", "family acc", "genus acc", "species acc"]
+    assert [r[0] for r in table["rows"]] == ["class", "family", "genus", "species"]
+    assert table["rows"][-1][1:] == ["1.00 (1.00)"] * 4
+    rows = {r[0]: r for r in sib["tables"][0]["rows"]}
+    assert rows["corax"][1:] == ["1.00", "1.00", "0.00"] and rows["frugilegus"][1:] == ["1.00", "0.00", "1.00"]
+    assert not genus["tables"] and "whole lineages" in genus["note"]
+
+
 def _cli(command: str, out: Path, env: dict) -> float:
     """Run a shown command (taxadiffusion -> python -m taxadiffusion.cli) writing to `out`; seconds."""
     argv = shlex.split(command)
@@ -352,6 +385,7 @@ def test_browser_search_generate_trait_row_and_siblings(server, tmp_path):
         page.click("#gen")
         page.wait_for_selector("#error:not([hidden])")
         assert "n must be from 1 to 64, got 0" in page.inner_text("#error")
+        page.screenshot(path=str(shots / "bad-input.png"))
         page.fill("#n", "4")
         page.fill("#steps", "10")
         card = done(page, start(page, "#gen", "sample"))

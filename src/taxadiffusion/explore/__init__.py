@@ -27,16 +27,30 @@ Layout: engine.py (model, jobs, requests, CLI commands), app.py (HTTP routes, se
 from __future__ import annotations
 
 
-def make_app(run, **kw):
+EXTRA = ("fastapi", "starlette", "uvicorn")
+
+
+def _app_module():
+    """explore.app, or a one-line error naming the extra to install (the CLI prints ValueErrors as
+    `taxadiffusion explore: error: ...`; the web packages are optional, see pyproject's extras)."""
+    try:
+        from . import app
+    except ModuleNotFoundError as e:
+        if e.name not in EXTRA:
+            raise
+        raise ValueError(f"the explorer needs {e.name}, which is not installed: "
+                         f"pip install 'taxadiffusion[explore]' (fastapi and uvicorn)") from e
+    return app
+
+
+def make_app(run=None, **kw):
     """The FastAPI app for `run` (a run folder, checkpoint or saved pipeline); see app.make_app."""
-    from .app import make_app as _make_app
-    return _make_app(run, **kw)
+    return _app_module().make_app(run, **kw)
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 7860, **kw) -> None:
     """Load `run` once and serve the explorer until interrupted; see app.serve."""
-    from .app import serve as _serve
-    _serve(run, host=host, port=port, **kw)
+    _app_module().serve(run, host=host, port=port, **kw)
 
 
 __all__ = ["make_app", "serve"]

@@ -35,7 +35,8 @@ MAX_SEED = 2**32 - 1    # exact in the page's JavaScript numbers, and far more s
 MAX_SCALE = 100.0
 MAX_SIBLINGS = 24
 MAX_PENDING = 16        # queued + running; more is answered "busy" instead of growing without bound
-KEEP_JOBS = 64          # finished jobs (and their PNGs) kept for the page to fetch
+KEEP_JOBS = 64          # finished jobs (and their PNGs) kept for the page to fetch ...
+KEEP_BYTES = 512 << 20  # ... within this many PNG bytes (an SD grid of 64 images is ~30 MB)
 
 
 class Busy(Exception):
@@ -213,9 +214,12 @@ class Explorer:
                            f"try again when one has finished")
             job = Job(id=uuid.uuid4().hex[:12], request=req)
             self._jobs[job.id] = job
-            done = [k for k, j in self._jobs.items() if j.state in ("done", "error")]
-            for k in done[: max(0, len(done) - KEEP_JOBS)]:
-                del self._jobs[k]
+            done = [j for j in self._jobs.values() if j.state in ("done", "error")]
+            size = sum(len(b) for j in done for b in j.pngs.values())
+            while done and (len(done) > KEEP_JOBS or size > KEEP_BYTES):  # oldest first
+                old = done.pop(0)
+                size -= sum(len(b) for b in old.pngs.values())
+                del self._jobs[old.id]
         self._queue.put(job)
         return job
 

@@ -256,6 +256,7 @@ async function start() {
   $('guide_level').replaceChildren(...info.ranks.slice(0, -1).map((r, i) => el('option', { value: String(i), text: i + ' ' + r })));
   $('guidance').value = d.guidance; $('scheduler').value = d.scheduler; $('guide_level').value = String(d.guide_level);
   $('scale').value = d.scale; $('steps').value = d.steps;
+  $('level').replaceChildren(el('option', { value: '', text: 'its own' }));
   $('n').title = '1 to ' + info.limits.n.sample + ' (grids: ' + info.limits.n.traits + ')';
   const top = await api('api/tree');
   $('tree').replaceChildren(...top.children.map(treeItem));
