@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
