@@ -170,3 +170,14 @@ def test_truncated_png_is_detected(tmp_path):
     assert png_ok(f, 16) and not png_ok(f, 32)
     f.write_bytes(f.read_bytes()[:-20])
     assert not png_ok(f, 16)
+
+
+def test_matched_subset_reads_the_rows_a_draw_on_the_concatenation_keeps():
+    """The judge's matched real pool, read species by species, is the old draw on torch.cat."""
+    from taxadiffusion.evaluation.judge_score import _match
+    from taxadiffusion.evaluation.stream import matched_subset
+    species = _taxa(3)[-3:]
+    images = {t: torch.randint(0, 256, (k, 3, 4, 4), dtype=torch.uint8) for t, k in zip(species, (2, 5, 3))}
+    whole = torch.cat([images[t] for t in species])
+    for m in (1, 4, 9, 10, 12):
+        assert torch.equal(matched_subset(images, species, m, seed=7), _match(whole, m, 7))
