@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DOCS_STAMP := $(VENV)/.docs-stamp
 
-.PHONY: demo test install clean docs
+.PHONY: demo test install clean docs explore
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/taxadiffusion demo
+
+RUN ?= runs/demo/progressive
+explore: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/taxadiffusion explore $(RUN)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadgroup

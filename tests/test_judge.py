@@ -17,8 +17,9 @@ from PIL import Image
 from taxadiffusion.config import load_config
 from taxadiffusion.datasets import read_table
 from taxadiffusion.evaluation import judge as judge_mod
-from taxadiffusion.evaluation.judge import (JudgeConfig, judge_key, judge_result, load_or_train_judge,
-                                            load_split_images, split_records)
+from taxadiffusion.evaluation.judge import (JudgeConfig, judge_key, load_or_train_judge, load_split_images,
+                                            split_records)
+from taxadiffusion.evaluation.judge_score import judge_result
 from taxadiffusion.evaluation.weights import MissingWeightsError
 
 from tinyrun import LINEAGES, tiny_overrides, write_images

@@ -70,7 +70,8 @@ def test_shipped_bases_are_named_and_the_continued_one_records_its_chain():
     """`builtin-3600` (README ninth set) is the shipped base trained 3 x 1,200 steps further: it loads
     into the demo's architecture, differs from `builtin`, and its recipe names each link back to it."""
     from taxadiffusion.config import load_config
-    from taxadiffusion.tinybase import ASSET, BUILTIN, base_dir, open_base
+    from taxadiffusion.backbone import ASSET, BUILTIN, base_dir
+    from taxadiffusion.tinybase import open_base
     assert base_dir("builtin") == ASSET and base_dir("/some/folder") == Path("/some/folder")
     cfg = load_config("demo", ["model.pretrained_unet=builtin-3600"]).model
     chain, r = [], json.loads((BUILTIN["builtin-3600"] / "recipe.json").read_text())

@@ -186,6 +186,28 @@ def tiny_vae() -> AutoencoderKL:
                          block_out_channels=(32, 64), norm_num_groups=8)
 
 
+# -- the shipped tiny bases (pretrained by tinybase.py) ----------------------------------------------------
+ASSET = Path(__file__).parent / "assets" / "tiny-base"
+# the shipped bases by name (model.pretrained_unet); any other value is a folder
+BUILTIN = {
+    "builtin": ASSET,  # 3,500 caption steps: the demo's base
+    # + 3 x 1,200 min-SNR caption steps (recipe.json's "init" chain, seeds 1235-1237; README, eighth
+    # set): the base on which `all` draws the species mark at the species column (ninth set)
+    "builtin-3600": ASSET.parent / "tiny-base-3600",
+}
+
+
+def base_dir(pretrained_unet: str) -> Path:
+    """The folder of a base named in `model.pretrained_unet`: a BUILTIN name (shipped) or a path."""
+    return BUILTIN.get(pretrained_unet, Path(pretrained_unet))
+
+
+# the ModelConfig fields that determine the tiny UNet and text encoder (must match to load the base)
+TINY_KEYS = ("pixel_space", "block_out_channels", "layers_per_block", "cross_attn_levels",
+             "attention_head_dim", "text_width", "text_layers", "text_heads", "beta_schedule",
+             "beta_start", "beta_end", "num_train_timesteps", "text_token_std")
+
+
 def build_tiny(cfg: ModelConfig, resolution: int, seed: int = 0) -> Backbone:
     """Random-init parts with the SD classes; deterministic for a given seed. With
     `cfg.pretrained_unet`, the UNet is the pretrained tiny base (tinybase.py) and the text encoder is
@@ -207,7 +229,6 @@ def load_tiny_base(cfg: ModelConfig, unet: UNet2DConditionModel, text_encoder: C
     """Load the pretrained tiny base into `unet`, after checking it was made for this architecture,
     noise schedule and text encoder (recipe.json beside unet.safetensors)."""
     from safetensors.torch import load_file
-    from .tinybase import TINY_KEYS, base_dir
     d = base_dir(cfg.pretrained_unet)
     weights, recipe = d / "unet.safetensors", d / "recipe.json"
     for f in (weights, recipe):
@@ -277,7 +298,10 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     conf = getattr(module, "config", None)
     if conf is not None:
-        d = conf.to_dict() if hasattr(conf, "to_dict") else dict(conf)
+        # a diffusers config (a FrozenDict) lists `_use_default_values` in set order, which differs
+        # from process to process: its private keys say nothing about the weights, so they are left out
+        d = conf.to_dict() if hasattr(conf, "to_dict") else {k: v for k, v in dict(conf).items()
+                                                             if not k.startswith("_")}
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())

@@ -297,6 +297,26 @@ def _embeddings(a: argparse.Namespace) -> None:
     embeddings_command(a)
 
 
+# -- explore (issue 21) ---------------------------------------------------------------------------------
+def _explore_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder, checkpoint folder or saved pipeline")
+    p.add_argument("--port", type=positive_int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                   help="the page's default sampler (default: the run's)")
+    p.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="Stable Diffusion v1.5 folder (or hub id) of an SD-based run, instead of "
+                        "its config's model.pretrained (when the folder moved)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def _explore(a: argparse.Namespace) -> None:
+    from .explore import serve
+    serve(a.run, host=a.host, port=a.port, device=a.device, scheduler=a.scheduler,
+          pretrained=a.pretrained)
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "demo": ("the whole method on the embedded synthetic world, CPU, about 20 minutes",
              _demo_args, _demo),
@@ -317,6 +337,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                    _embeddings_args, _embeddings),
     "export": ("a run as a diffusers pipeline folder with a model card; optionally pushed to the hub",
                _export_args, _export),
+    "explore": ("a local web page to browse the taxonomy and sample any taxon (offline)",
+                _explore_args, _explore),
 }
 
 

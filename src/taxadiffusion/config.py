@@ -149,7 +149,11 @@ class DataConfig(_Checked):
     resolution: int = _f(512, RESOLUTION)  # paper Table S1: 512 x 512
     preprocess: str | None = _f(None, one_of(PREPROCESS))  # None: the format's own (fishnet | bioscan | inat | center)
     num_workers: int = _f(4, ge(0))     # dataloader workers
-    cache_latents: bool = True          # encode each image with the VAE once (no random crops then)
+    cache_latents: bool = True          # encode each image once (latent_cache.py); random crops kept
+    cache_dir: str | None = None        # input cache folder; None: <run>/latents (a named one is never overwritten)
+    # px encoded beyond resolution for random latent windows (multiple of 8); None: 0 for bioscan/center, else resolution/8
+    cache_margin: int | None = _f(None, Rule(lambda v: v >= 0 and v % 8 == 0, lambda: ">= 0 and a multiple of 8"))
+    cache_flip: bool = False            # also cache each mirrored image's latent (2x disk): random flips (released: none)
 
 
 @dataclass

@@ -120,6 +120,8 @@ def demo(out: str | Path = "runs/demo", minutes: float | None = None) -> Path:
     page = build_report(out, title="taxadiffusion demo: progressive training and TaxaGuide on a "
                                    "synthetic species world")
     _say(t0, f"done: {page}")
+    print(f"browse the trained taxonomy and sample any taxon in a browser:\n"
+          f"  taxadiffusion explore {runs['progressive'][0]}    (or: make explore)", flush=True)
     return page
 
 

@@ -3,9 +3,9 @@ processes of a run together, read memory-mapped one record at a time.
 
 Layout of the cache folder (the caller passes it: `data.cache_dir`, default `<run>/latents`, so
 every node can be pointed at one shared path):
-  cache.json             what the cache holds (`fingerprint`): the encoder (`vae_fingerprint`, config
-                         and weights of the VAE, or "pixels"), resolution, margin, crop policy, flips, shapes, and
-                         a digest of the records (path, size, mtime, lineage, box). Another one is
+  cache.json             what the cache holds (`fingerprint`): the encoder (module_fingerprint:
+                         config and weights of the VAE, or "pixels"), resolution, margin, crop
+                         policy, flips, shapes, and a digest of the records (path, size, mtime, lineage, box). Another one is
                          rebuilt (`on_mismatch="rebuild"`) or refused ("error"), never reused.
   shard-r<rank>-<k>.safetensors   x (n, V, C, h, w) fp16 (V = 2 with flips: the image and its mirror),
                          rec (n,) record indices, bad (n,) 1 for unreadable images (x is zero there).
@@ -48,7 +48,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .backbone import module_fingerprint
 
 VERSION = 1
 EXACT = ("bioscan", "center")   # presets that train on a deterministic preprocessing: no crop
@@ -86,19 +88,6 @@ def pixel_encoder() -> Encoder:
     return Encoder(lambda x: x, "pixels", 1, 3)
 
 
-def vae_fingerprint(vae) -> str:
-    """backbone.module_fingerprint without the config's private keys: diffusers lists
-    `_use_default_values` in set order, which differs from process to process (so the ranks of one
-    run, and every new run, would disagree about the cache)."""
-    h = hashlib.sha256()
-    conf = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    h.update(json.dumps(conf, sort_keys=True, default=str).encode())
-    for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def vae_encoder(vae, device, name: str | None = None) -> Encoder:
     """The latent mean times the scaling factor, as the uncached path's posterior minus its noise."""
     @torch.no_grad()
@@ -106,7 +95,7 @@ def vae_encoder(vae, device, name: str | None = None) -> Encoder:
         lat = vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
         return lat.float().cpu()  # the VAE's mid-block attention returns it non-contiguous
     unit = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Encoder(fn, name or vae_fingerprint(vae), unit, vae.config.latent_channels)
+    return Encoder(fn, name or module_fingerprint(vae), unit, vae.config.latent_channels)
 
 
 def fingerprint(records, encoder: Encoder, preprocess: str, resolution: int, margin: int,

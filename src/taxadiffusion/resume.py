@@ -28,6 +28,7 @@ RESUME_MAY_CHANGE = (
     "name", "train.stages", "train.output_dir", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.validate_every", "train.validation_seeds", "train.report_to",
     "train.steps_per_stage", "train.steps_stage0", "data.num_workers", "data.root", "data.metadata",
+    "data.cache_dir",
     "sample.*", "eval.*",
 )
 

@@ -39,27 +39,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import build_tiny, min_snr_weight, module_fingerprint
+from .backbone import ASSET, TINY_KEYS, base_dir, build_tiny, min_snr_weight, module_fingerprint
 from .conditioning import TextEmbeddingCache
 from .config import ModelConfig, load_config
-from .datasets.synthetic import BODIES, GENERA, MARKS, ORDERS, WorldConfig, _traits, render_options
+from .datasets.synthetic import BODIES, GENERA, MARKS, ORDERS, WorldConfig, render_options, trait_values
 
-ASSET = Path(__file__).parent / "assets" / "tiny-base"
-# the shipped bases by name (model.pretrained_unet); any other value is a folder
-BUILTIN = {
-    "builtin": ASSET,  # 3,500 caption steps: the demo's base
-    # + 3 x 1,200 min-SNR caption steps (recipe.json's "init" chain, seeds 1235-1237; README, eighth
-    # set): the base on which `all` draws the species mark at the species column (ninth set)
-    "builtin-3600": ASSET.parent / "tiny-base-3600",
-}
 HUES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
         "magenta", "pink")
 ASPECT = {1.3: "short", 1.6: "medium", 1.9: "long"}
-
-
-def base_dir(pretrained_unet: str) -> Path:
-    """The folder of a base named in `model.pretrained_unet`: a BUILTIN name (shipped) or a path."""
-    return BUILTIN.get(pretrained_unet, Path(pretrained_unet))
 
 
 def pretraining_world() -> tuple[WorldConfig, float]:
@@ -87,7 +74,7 @@ def open_base(name: str):
 
 def caption(row: np.ndarray, hue0: float) -> str:
     """Trait words for one row of trait options (body, order, family, genus, species)."""
-    t = _traits(row, hue0)
+    t = trait_values(row, hue0)
     hue = HUES[int(round(t["family"]["hue"] * len(HUES))) % len(HUES)]
     g = t["genus"]
     pattern = "plain" if g["pattern"] == "plain" else f"{g['tone']} {g['pattern']}"
@@ -166,12 +153,6 @@ def pretrain(model_cfg: ModelConfig, steps: int, out: Path, batch_size: int = 32
               "init": parent}
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
     return out
-
-
-# the ModelConfig fields that determine the tiny UNet and text encoder (must match to load the base)
-TINY_KEYS = ("pixel_space", "block_out_channels", "layers_per_block", "cross_attn_levels",
-             "attention_head_dim", "text_width", "text_layers", "text_heads", "beta_schedule",
-             "beta_start", "beta_end", "num_train_timesteps", "text_token_std")
 
 
 def main() -> None:

@@ -145,11 +145,10 @@ def _train(cfg: Config, run: Path, resume: str | None, resume_anyway: bool) -> P
     dataset = SpeciesImageDataset(table, taxonomy, res, train=True, seed=tc.seed)
     ids_all, inputs = dataset.ids, None
     if cfg.data.cache_latents:
-        cache_dir = getattr(cfg.data, "cache_dir", None)
+        cache_dir = cfg.data.cache_dir
         # a folder named in the config may hold another run's cache: refused, not overwritten
         inputs = cache_model_inputs(table, bb, res, device, acc, Path(cache_dir) if cache_dir else run / "latents",
-                                    margin=getattr(cfg.data, "cache_margin", None),
-                                    flip=getattr(cfg.data, "cache_flip", False),
+                                    margin=cfg.data.cache_margin, flip=cfg.data.cache_flip,
                                     on_mismatch="error" if cache_dir else "rebuild",
                                     num_workers=cfg.data.num_workers, log=log)
         log(f"input cache {inputs.dir}: {len(inputs)} records ({inputs.stats['encoded']} encoded now by "

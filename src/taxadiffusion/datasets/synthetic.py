@@ -200,7 +200,7 @@ class World:
 
     def traits(self, ref: SpeciesRef) -> dict[str, dict[str, object]]:
         """Ground-truth trait values per rank, for tests and analysis."""
-        return _traits(self.options[self.species_id(ref)], self.hue0)
+        return trait_values(self.options[self.species_id(ref)], self.hue0)
 
     def render(self, ref: SpeciesRef | Sequence[SpeciesRef], n: int | None = None,
                seed: int | Sequence[int] = 0, perturb: bool = False) -> np.ndarray:
@@ -272,7 +272,7 @@ def _hue(option: int, hue0: float) -> float:
     return (hue0 + option * GOLDEN) % 1.0
 
 
-def _traits(row: np.ndarray, hue0: float) -> dict[str, dict[str, object]]:
+def trait_values(row: np.ndarray, hue0: float) -> dict[str, dict[str, object]]:
     body, aspect_tail, fam, genus, mark = (int(v) for v in row)
     return {"class": {"body": BODIES[body][0]},
             "order": {"aspect": ORDERS[aspect_tail][0], "tail": ORDERS[aspect_tail][1]},

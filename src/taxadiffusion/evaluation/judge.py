@@ -293,7 +293,3 @@ def load_or_train_judge(table: Table, taxonomy: Taxonomy, resolution: int, cfg: 
         info["held_out_majority_baseline"] = _majority(y_tr, y_ho, taxonomy.ranks) if len(s_ho) else None
         store_cached_net(path, "judge", net, info)
         return judge
-
-
-# -- scoring generated images: judge_score.py (imported here, where callers have always found them) -----
-from .judge_score import FrechetKid, judge_frechet_kid, judge_result  # noqa: E402,F401

@@ -159,7 +159,7 @@ def _metrics(metrics, nets, gen, real, tax, settings, lvls, seed, device, fid_ar
         from .oracle import oracle_result
         results["oracle"] = oracle_result(nets["oracle"], gen, real, tax, settings)
     if "judge" in metrics:
-        from .judge import judge_result
+        from .judge_score import judge_result
         results["judge"] = judge_result(nets["judge"], gen, real, tax, settings, seed=seed)
     if "fid" in metrics:
         results["fid"] = _fid(nets["fid"], gen, real, lvls, seed=seed, device=device, **fid_args)

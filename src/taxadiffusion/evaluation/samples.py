@@ -24,16 +24,11 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from ..taxonomy import Taxon
-from .stream import GeneratedImages
+from .stream import GeneratedImages, sample_dir
 from .tables import taxon_seed
 
 PNG_END = b"\0\0\0\0IEND\xaeB`\x82"   # every PNG ends with this empty IEND chunk
 SAMPLING_KEYS = ("guidance", "guidance_scale", "guide_level", "num_inference_steps", "batch_size")
-
-
-def sample_dir(out: Path, taxon: Taxon) -> Path:
-    """Where `generate` keeps a taxon's PNGs: out/<rank>/<lineage joined by __, spaces as _>/."""
-    return Path(out) / taxon.rank / "__".join(taxon.path).replace(" ", "_")
 
 
 def png_ok(path: Path, size: int | None = None) -> bool:

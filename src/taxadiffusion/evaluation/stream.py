@@ -26,6 +26,11 @@ from ..taxonomy import Taxon, Taxonomy
 from .tables import taxon_seed
 
 
+def sample_dir(out: Path, taxon: Taxon) -> Path:
+    """Where `generate` keeps a taxon's PNGs: out/<rank>/<lineage joined by __, spaces as _>/."""
+    return Path(out) / taxon.rank / "__".join(taxon.path).replace(" ", "_")
+
+
 class TaxonImages(Mapping):
     """{taxon: its uint8 images}, read on access; see the module docstring."""
 
@@ -70,7 +75,6 @@ class GeneratedImages(TaxonImages):
         self.stats: dict = {}
 
     def files(self, t: Taxon) -> list[Path]:
-        from .samples import sample_dir
         d = sample_dir(self.folder, t)
         return [d / f"{i:04d}.png" for i in range(self._sizes[t])]
 
