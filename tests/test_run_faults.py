@@ -165,3 +165,18 @@ def test_cli_passes_resume_anyway(monkeypatch, tmp_path):
     assert seen == {"resume": "latest", "resume_anyway": True}
     cli.main(["train", "--config", "tiny-cpu", f"data.root={tmp_path}"])
     assert seen == {"resume": None, "resume_anyway": False}
+
+
+def test_feature_cache_ids_change_with_the_file(tmp_path):
+    """FID's real-image feature cache is keyed by path, size and mtime: a replaced image is
+    measured again (it used to be keyed by path alone)."""
+    import os
+    from taxadiffusion.evaluation.fid import file_ids
+    f = tmp_path / "a.png"
+    f.write_bytes(b"x" * 10)
+    before = file_ids([str(f)])
+    f.write_bytes(b"y" * 12)
+    os.utime(f, ns=(1, 2))
+    after = file_ids([str(f)])
+    assert before != after and after[0].startswith(str(f))
+    assert file_ids([str(tmp_path / "gone.png")]) == [f"{tmp_path / 'gone.png'}|missing"]

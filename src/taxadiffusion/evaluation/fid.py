@@ -140,6 +140,19 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(s)).strip("_") or "x"
 
 
+def file_ids(paths: Sequence[str]) -> list[str]:
+    """Cache ids of image files, "path|size|mtime_ns": a file replaced or truncated under the same
+    path gets a new id, so its features are computed again instead of read stale from the cache."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            out.append(f"{p}|missing")
+    return out
+
+
 def reference_features(
     ids: Sequence[str],
     read: Callable[[Sequence[str]], torch.Tensor],

@@ -135,10 +135,13 @@ def _fid(inc, gen: GeneratedImages, real: RealImages, lvls, dataset_id: str, spl
     """FID/KID per level on Inception features: real ones from the per-image cache (read per batch),
     generated ones per taxon (stream.generated_features); images never pooled."""
     from ..backbone import cache_root
-    from .fid import fid_by_level, reference_features
+    from .fid import fid_by_level, file_ids, reference_features
     from .stream import generated_features
-    ids = [p for t in real for p in real.paths(t)]
-    feats = reference_features(ids, real.read_paths, cache_dir=cache_root() / "fid-reference",
+    paths = [p for t in real for p in real.paths(t)]
+    ids = file_ids(paths)  # keyed by (path, size, mtime): a changed image is read again
+    path_of = dict(zip(ids, paths))
+    feats = reference_features(ids, lambda b: real.read_paths([path_of[i] for i in b]),
+                               cache_dir=cache_root() / "fid-reference",
                                dataset_id=dataset_id, split=split, resolution=resolution, weights=inc,
                                device=device)
     real_feats, k = {}, 0
