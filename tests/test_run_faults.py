@@ -180,3 +180,30 @@ def test_feature_cache_ids_change_with_the_file(tmp_path):
     after = file_ids([str(f)])
     assert before != after and after[0].startswith(str(f))
     assert file_ids([str(tmp_path / "gone.png")]) == [f"{tmp_path / 'gone.png'}|missing"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "reshaped", "key-removed"])
+def test_damaged_weights_are_named_when_loaded(done, tmp_path, damage):
+    """A truncated, reshaped or edited safetensors file in a run: an error naming the file (it
+    used to be a raw SafetensorError, a size-mismatch traceback or `error: conv_in.bias`)."""
+    from safetensors.torch import load_file, save_file
+    from taxadiffusion.pipeline import TaxaDiffusionPipeline
+    run = tmp_path / "ref"
+    shutil.copytree(done[2], run)
+    f = run / "checkpoints" / "stage-3-species" / "final" / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[:1000])
+    else:
+        sd = load_file(f)
+        if damage == "reshaped":
+            sd["conv_in.bias"] = torch.zeros(3)
+        else:
+            del sd["conv_in.bias"]
+        save_file(sd, f)
+    from taxadiffusion.checkpoint import load_model_state
+    from taxadiffusion.backbone import build_tiny
+    from taxadiffusion.config import config_from_file
+    cfg = config_from_file(run / "config.yaml")
+    unet = build_tiny(cfg.model, cfg.data.resolution).unet
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors"):
+        load_model_state(f.parent.parent, unet, None)

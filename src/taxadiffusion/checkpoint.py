@@ -220,27 +220,42 @@ def load_training_state(d: Path, optimizer=None, ema=None, lr_scheduler=None,
 
 
 def load_model_state(d: Path, unet, conditioner) -> None:
-    """Trained weights of a checkpoint into live modules (resume, or a later stage's start)."""
+    """Trained weights of a checkpoint into live modules (resume, or a later stage's start). A file
+    that is damaged or does not fit the modules (missing keys, other shapes) is named."""
     if conditioner is not None and (d / "conditioner").exists():
-        sd = load_file(d / "conditioner" / "diffusion_pytorch_model.safetensors")
-        conditioner.load_state_dict(sd)
+        f = d / "conditioner" / "diffusion_pytorch_model.safetensors"
+        _load_into(conditioner, read_tensors(f), f)
     if (d / "unet").exists():
-        base = load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
-        own = unet.state_dict()
-        mapped = {}
-        for k in own:  # peft renames wrapped weights to <module>.base_layer.<param>
-            if "lora_" not in k:
-                mapped[k] = base[k.replace(".base_layer", "")]
-        unet.load_state_dict(mapped, strict=False)
+        f = d / "unet" / "diffusion_pytorch_model.safetensors"
+        base = read_tensors(f)
+        # peft renames wrapped weights to <module>.base_layer.<param>
+        want = {k: k.replace(".base_layer", "") for k in unet.state_dict() if "lora_" not in k}
+        missing = sorted(v for v in want.values() if v not in base)
+        if missing:
+            raise ValueError(f"{f} lacks {len(missing)} UNet weight(s) ({', '.join(missing[:3])}, ...): "
+                             f"not this run's UNet, or damaged")
+        _load_into(unet, {k: base[v] for k, v in want.items()}, f, strict=False)
     lora = d / "pytorch_lora_weights.safetensors"
     if lora.exists():
         from peft.utils import set_peft_model_state_dict
         from diffusers.utils import convert_unet_state_dict_to_peft
-        sd = load_file(lora)
+        sd = read_tensors(lora)
         sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-        res = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd))
+        try:
+            res = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(sd))
+        except RuntimeError as e:  # another rank or target layout: shapes do not fit
+            raise ValueError(f"{lora} does not fit this run's LoRA ({str(e).splitlines()[0]})") from e
         if getattr(res, "unexpected_keys", None):
             raise ValueError(f"{lora}: unexpected LoRA keys {res.unexpected_keys[:5]}")
+
+
+def _load_into(module, state: dict, f: Path, strict: bool = True) -> None:
+    try:
+        module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # missing/unexpected keys or size mismatch
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise ValueError(f"{f} does not fit the model it is loaded into: "
+                         f"{'; '.join(lines[1:3]) or lines[0]}") from e
 
 
 _STEP = re.compile(r"step-(\d+)$")
