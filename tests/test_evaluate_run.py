@@ -207,20 +207,11 @@ def test_sd_run_whose_base_moved_names_pretrained_and_loads_with_it(sd_run, fast
     assert res["judge"]["levels"]["species"]["n_images"] == 4
 
 
-def test_fid_tables_per_level_and_per_class_reach_the_report(tiny, tmp_path, monkeypatch):
+def test_fid_tables_per_level_and_per_class_reach_the_report(tiny, tmp_path, monkeypatch, random_inception):
     """With FID (torch-fidelity's Inception at random init, given by --fid-weights' path): the
     per-level FID table and the per-class table (paper Table S2 layout) are in the section."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    from taxadiffusion.evaluation import fid
     _, run, _ = tiny
-    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / fid.INCEPTION_FILE
-    torch.save(net.state_dict(), weights)
+    weights = random_inception
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))   # only the given file
     monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
     out = run / "eval" / "fid-check"

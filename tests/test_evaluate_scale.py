@@ -30,11 +30,8 @@ def _env(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, random_inception):
     """(tmp folder, run, random-init FID Inception weights file) of a tiny run trained by the CLI."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    from taxadiffusion.evaluation import fid
     tmp = tmp_path_factory.mktemp("evalscale")
     data = write_images(tmp / "data")
     ov = tiny_overrides(data, tmp / "runs", "t") + [
@@ -42,13 +39,7 @@ def tiny(tmp_path_factory):
         "train.validation_seeds=0", "sample.batch_size=2"]
     subprocess.run([sys.executable, "-m", "taxadiffusion.cli", "train", "--config", "tiny-cpu", *ov],
                    check=True, env=_env(tmp), capture_output=True)
-    with pytest.MonkeyPatch.context() as m:   # its constructor always loads weights: stubbed here
-        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp / fid.INCEPTION_FILE
-    torch.save(net.state_dict(), weights)
+    weights = random_inception
     return tmp, tmp / "runs" / "t", weights
 
 
