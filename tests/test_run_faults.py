@@ -207,3 +207,16 @@ def test_damaged_weights_are_named_when_loaded(done, tmp_path, damage):
     unet = build_tiny(cfg.model, cfg.data.resolution).unet
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors"):
         load_model_state(f.parent.parent, unet, None)
+
+
+def test_training_log_names_the_unreadable_image(done, tmp_path, monkeypatch):
+    """A damaged image under the input cache is flagged by its own record and named in the log
+    (the log used to name the record that replaced it)."""
+    monkeypatch.setenv("TAXADIFFUSION_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    shutil.copytree(done[1], data)
+    (data / "img" / "pica_2.png").write_bytes(b"not a png at all")
+    run = _train(data, tmp_path / "runs", "bad", "train.steps_stage0=1", "train.steps_per_stage=0",
+                 "train.checkpoint_every=0")
+    line = next(l for l in (run / "log.txt").read_text().splitlines() if "unreadable" in l)
+    assert "pica_2.png" in line and "1 unreadable" in line, line
