@@ -72,3 +72,14 @@ def random_inception(tmp_path_factory) -> Path:
     weights = tmp_path_factory.mktemp("inception") / fid.INCEPTION_FILE
     torch.save(net.state_dict(), weights)
     return weights
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: two threads spin against other processes on a busy 2-core
+    machine (modules ask for it with `pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

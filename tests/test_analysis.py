@@ -24,20 +24,10 @@ from taxadiffusion.sampling import load_for_sampling
 from tinyrun import tiny_overrides, write_images
 
 # one worker runs this whole module, so the training run below is made once
-pytestmark = pytest.mark.xdist_group("analysis")
+pytestmark = [pytest.mark.xdist_group("analysis"), pytest.mark.usefixtures("one_thread")]
 
 KW = dict(guidance="taxa", guidance_scale=3.0, num_inference_steps=6)
 LINEAGE = ["class: Aves", "family: Corvidae", "genus: Corvus", "species: Corvus corax"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny UNet gains nothing from a second thread, and on a busy 2-core machine two threads
-    spin against other processes (measured: 30 s for this module alone, 6 min beside a benchmark)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from taxadiffusion.datasets import DataError, read_table
 from taxadiffusion.datasets.prepare import prepare
 from taxadiffusion.taxonomy import Taxonomy
 
+from test_readers import names_error as located  # one check that an error names file, row, field
+
 HEADER = "file_name,family,genus,species\n"
 
 
@@ -30,15 +32,6 @@ def images(root: Path, *names: str) -> None:
         p = root / n
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (10 * i, 80, 160)).save(p)
-
-
-def located(e: DataError, path, row, field) -> None:
-    msg = str(e)
-    assert str(path) in msg, msg
-    if row is not None:
-        assert f"row {row}" in msg, msg
-    if field is not None:
-        assert repr(field) in msg, msg
 
 
 def warned(report, *parts) -> str:

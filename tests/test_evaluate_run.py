@@ -22,19 +22,10 @@ from taxadiffusion.evaluation.weights import MissingWeightsError
 
 from tinyrun import tiny_overrides, write_images
 
-pytestmark = pytest.mark.xdist_group("train")
+pytestmark = [pytest.mark.xdist_group("train"), pytest.mark.usefixtures("one_thread")]
 
 FAST_JUDGE = JudgeConfig(steps=8, batch_size=8, width=4)   # the default recipe trains for minutes
 QUICK = dict(levels=["family", "species"], n_per_taxon=2, steps=2, device="cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two threads spin against other processes on a busy 2-core machine (see test_analysis.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

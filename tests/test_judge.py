@@ -28,13 +28,7 @@ RANKS = ["class", "family", "genus", "species"]
 FAST = JudgeConfig(steps=8, batch_size=8, width=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two threads spin against other processes on a busy 2-core machine (see test_analysis.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
