@@ -220,3 +220,15 @@ def test_training_log_names_the_unreadable_image(done, tmp_path, monkeypatch):
                  "train.checkpoint_every=0")
     line = next(l for l in (run / "log.txt").read_text().splitlines() if "unreadable" in l)
     assert "pica_2.png" in line and "1 unreadable" in line, line
+
+
+def test_checkpoint_config_without_newer_fields_resumes(done, tmp_path):
+    """A checkpoint written before a config field existed compares that field as its default: the
+    resume goes on (it would be refused as a change otherwise)."""
+    data, out = _half_done(done, tmp_path)
+    f = out / "ref" / "checkpoints" / "stage-0-class" / "step-3" / "config.json"
+    cfg = json.loads(f.read_text())
+    del cfg["data"]["cache_flip"], cfg["train"]["report_to"]
+    f.write_text(json.dumps(cfg))
+    _train(data, out, "ref", resume="latest")
+    assert (out / "ref" / "checkpoints" / "stage-3-species" / "final").exists()

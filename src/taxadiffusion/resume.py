@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .checkpoint import STATE_FILE, list_checkpoints
+from .config import config_from_file
 
 # config fields a resumed run may change (section.key; "section.*" for a whole section)
 RESUME_MAY_CHANGE = (
@@ -96,11 +97,12 @@ def check_resumable(ckpt: Path, state: dict, cfg_dict: dict, data_fp: str, num_s
         raise ValueError(f"{ckpt / STATE_FILE}: stage_index {k!r} is not a stage of this plan "
                          f"(0..{num_stages - 1})")
     cfile = Path(ckpt) / "config.json"
-    try:
-        old = json.loads(cfile.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfile} is missing or damaged ({e}); resume from an earlier checkpoint "
-                         f"with --resume <its folder>") from e
+    if not cfile.exists():
+        raise FileNotFoundError(f"{cfile} is missing; resume from an earlier checkpoint with "
+                                f"--resume <its folder>")
+    # through the dataclasses, so a field added since the checkpoint was written compares as its
+    # default rather than as a change (config_from_file names the file if it is damaged)
+    old = config_from_file(cfile).to_dict()
     problems = config_changes(old, cfg_dict)
     if state.get("data_fingerprint") not in (None, data_fp):
         problems.append(f"data: records or lineages differ (fingerprint {state['data_fingerprint']} "
